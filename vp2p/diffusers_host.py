@@ -1,0 +1,163 @@
+"""The diffusers host: the same patch on a diffusers ``UNet2DConditionModel``.
+
+``DiffusersT2S`` registers one attention processor per ``attn1``/``attn2`` module
+(each bound to its ``LayerKey``) and a forward hook per transformer block for the
+temporal layers. All behaviour is in ``AttentionPatch``; this module only translates
+diffusers calls into the patch's ``(q, k, v, extra_options)`` convention, with the
+same ``extra_options`` keys ComfyUI provides (``block``, ``block_index``,
+``n_heads``, ``cond_or_uncond``, ``sigmas``, ``original_shape``).
+
+Installing is reversible: ``remove()`` (or leaving the ``with`` block) restores the
+UNet's processors and removes the hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .control import RUN_STATE_KEY, RunState
+from .errors import RegistrationError, UnsupportedModelError
+from .keys import LayerKey, diffusers_transformer_keys
+from .patch import AttentionPatch, T2SSettings
+from .temporal import BlockShape, TemporalBank
+
+log = logging.getLogger("VideoP2P")
+
+
+def diffusers_block_shapes(unet: nn.Module) -> dict[LayerKey, tuple[str, BlockShape]]:
+    """Every transformer block of a diffusers UNet: key -> (module path, shape)."""
+    layers = getattr(getattr(unet, "config", None), "layers_per_block", None)
+    names = [n for n, _ in unet.named_modules()]
+    keys = diffusers_transformer_keys(names, layers)
+    if not keys:
+        raise UnsupportedModelError(
+            f"{type(unet).__name__} has no SD-style transformer blocks (down_blocks.*.attentions.*.transformer_blocks.*); "
+            "expected a diffusers UNet2DConditionModel of SD1.x/SD2.x/SDXL."
+        )
+    out: dict[LayerKey, tuple[str, BlockShape]] = {}
+    for key, path in keys.items():
+        block = unet.get_submodule(path)
+        attn = block.attn1
+        inner = attn.to_q.out_features
+        out[key] = (path, BlockShape(dim=attn.to_q.in_features, heads=attn.heads, dim_head=inner // attn.heads))
+    return out
+
+
+class _Processor:
+    """Attention processor bound to one layer; forwards to the shared patch."""
+
+    def __init__(self, host: "DiffusersT2S", key: LayerKey, kind: str) -> None:
+        self.host, self.key, self.kind = host, key, kind
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None, **_: Any) -> torch.Tensor:
+        if attention_mask is not None:
+            raise RegistrationError(f"{self.kind} of {self.key} received an attention mask; the pack's processor does not support masks.")
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        eo = self.host.extra_options(self.key, attn.heads, q.shape[-1] // attn.heads)
+        patch = self.host.patch
+        out = patch.attn1(q, k, v, eo) if self.kind == "attn1" else patch.attn2(q, k, v, eo)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _check_attention_module(name: str, attn: nn.Module) -> None:
+    unsupported = [a for a in ("spatial_norm", "group_norm", "norm_q", "norm_k") if getattr(attn, a, None) is not None]
+    if getattr(attn, "norm_cross", None):
+        unsupported.append("norm_cross")
+    if getattr(attn, "residual_connection", False):
+        unsupported.append("residual_connection")
+    if getattr(attn, "rescale_output_factor", 1.0) != 1.0:
+        unsupported.append("rescale_output_factor")
+    if unsupported:
+        raise RegistrationError(
+            f"Attention module {name} uses {unsupported}, which SD1.x/SD2.x UNets do not; the pack's processor "
+            "cannot reproduce it. Use a standard UNet2DConditionModel."
+        )
+
+
+class DiffusersT2S:
+    """Installs the pack's patch (and temporal layers) on a diffusers UNet.
+
+    Usage::
+
+        host = DiffusersT2S(unet, T2SSettings(FrameMode.FIRST_FRAME, True))
+        with host:
+            eps = host(sample, timestep, text, cond_or_uncond=[1, 0], sigmas=sig)
+    """
+
+    def __init__(self, unet: nn.Module, settings: T2SSettings, bank: Optional[TemporalBank] = None,
+                 patch: Optional[AttentionPatch] = None) -> None:
+        self.unet = unet
+        self.blocks = diffusers_block_shapes(unet)
+        if settings.temporal_attention and bank is None:
+            bank = TemporalBank({k: s for k, (_, s) in self.blocks.items()}).to(next(unet.parameters()).device)
+        self.bank = bank if settings.temporal_attention else None
+        self.patch = patch or AttentionPatch(settings, temporal=self.bank)
+        self._options: dict[str, Any] = {}
+        self._saved: Optional[dict[str, Any]] = None
+        self._hooks: list[Any] = []
+
+    # -- per-call context -------------------------------------------------------------------
+    def extra_options(self, key: LayerKey, heads: int, dim_head: int) -> dict[str, Any]:
+        eo = dict(self._options)
+        eo.update(block=(key.block, key.id), block_index=key.index, n_heads=heads, dim_head=dim_head)
+        return eo
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
+                 cond_or_uncond: Optional[Sequence[int]] = None, sigmas: Optional[torch.Tensor] = None,
+                 run: Optional[RunState] = None) -> torch.Tensor:
+        """One UNet evaluation with the pack's per-call options; returns the UNet's raw output."""
+        if self._saved is None:
+            raise RuntimeError("DiffusersT2S is not installed: call install() or use it as a context manager.")
+        self._options = {"cond_or_uncond": list(cond_or_uncond) if cond_or_uncond is not None else [0],
+                         "sigmas": sigmas, "original_shape": list(sample.shape), RUN_STATE_KEY: run or RunState()}
+        try:
+            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+        finally:
+            self._options = {}
+
+    # -- installation -----------------------------------------------------------------------
+    def install(self) -> "DiffusersT2S":
+        if self._saved is not None:
+            return self
+        processors: dict[str, Any] = {}
+        for key, (path, _) in self.blocks.items():
+            block = self.unet.get_submodule(path)
+            for kind in ("attn1", "attn2"):
+                attn = getattr(block, kind, None)
+                if attn is None:
+                    continue
+                _check_attention_module(f"{path}.{kind}", attn)
+                processors[f"{path}.{kind}.processor"] = _Processor(self, key, kind)
+            if self.bank is not None:
+                self._hooks.append(block.register_forward_hook(self._temporal_hook(key)))
+        self._saved = dict(self.unet.attn_processors)
+        full = dict(self._saved)
+        full.update(processors)
+        self.unet.set_attn_processor(full)
+        log.debug("diffusers host: %d attention processors, %d temporal hooks", len(processors), len(self._hooks))
+        return self
+
+    def _temporal_hook(self, key: LayerKey):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return self.patch.temporal_block(key, output, self._options)
+        return hook
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self._saved is not None:
+            self.unet.set_attn_processor(self._saved)
+            self._saved = None
+
+    def __enter__(self) -> "DiffusersT2S":
+        return self.install()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()

@@ -1,0 +1,105 @@
+"""Frame attention: the self-attention of a text-to-set (T2S) model.
+
+Each frame's queries attend to keys/values taken from other frames of the same
+video instead of (only) its own:
+
+* ``first_frame``  (Video-P2P): frame 0;
+* ``sparse_causal`` (Tune-A-Video): frame 0 and the previous frame (frame 0 uses
+  frame 0 twice, which gives exactly its own self-attention);
+* ``middle_frame`` (FateZero): frame ``F // 2``;
+* ``none``: plain per-frame self-attention (the image model).
+
+With one frame every mode is plain self-attention. For the single-source modes the
+queries of a whole video are attended against one frame's keys in one call
+(``[videos, F·N, C]`` against ``[videos, N, C]``), so no key/value copies are made and
+memory grows linearly in the number of frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable
+
+import torch
+from einops import rearrange
+
+from .errors import SettingsError
+
+
+class FrameMode(str, Enum):
+    FIRST_FRAME = "first_frame"
+    SPARSE_CAUSAL = "sparse_causal"
+    MIDDLE_FRAME = "middle_frame"
+    NONE = "none"
+
+    @classmethod
+    def parse(cls, value: "str | FrameMode") -> "FrameMode":
+        try:
+            return cls(value)
+        except ValueError:
+            raise SettingsError(
+                f"frame_attention={value!r} is not a frame attention mode; expected one of "
+                f"{[m.value for m in cls]}."
+            ) from None
+
+
+def source_frames(mode: FrameMode, frames: int) -> list[list[int]]:
+    """For each frame, the frames whose keys/values it attends to (the definition, for docs and tests)."""
+    if mode is FrameMode.FIRST_FRAME:
+        return [[0] for _ in range(frames)]
+    if mode is FrameMode.MIDDLE_FRAME:
+        return [[frames // 2] for _ in range(frames)]
+    if mode is FrameMode.SPARSE_CAUSAL:
+        return [[0, max(i - 1, 0)] for i in range(frames)]
+    return [[i] for i in range(frames)]
+
+
+@dataclass(frozen=True)
+class FrameAttentionInputs:
+    """q/k/v regrouped for frame attention plus the way back to per-frame rows.
+
+    ``q``: [A, Nq', C], ``k``/``v``: [A, Nk', C] where A is the attention batch:
+    ``videos`` for single-source modes (Nq' = F·N), ``videos·F`` otherwise.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    rows: int
+    tokens: int
+    queries_grouped: bool
+
+    def restore(self, out: torch.Tensor) -> torch.Tensor:
+        """[A, Nq', C] -> [videos·F, N, C]."""
+        if self.queries_grouped:
+            return out.reshape(self.rows, self.tokens, out.shape[-1])
+        return out
+
+
+def frame_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, videos: int, frames: int, mode: FrameMode) -> FrameAttentionInputs:
+    """Regroup self-attention inputs ``[videos·F, N, C]`` for the frame attention ``mode``."""
+    rows, tokens, _ = q.shape
+    if mode is FrameMode.NONE or frames == 1:
+        return FrameAttentionInputs(q, k, v, rows, tokens, False)
+    kf = rearrange(k, "(v f) n c -> v f n c", v=videos, f=frames)
+    vf = rearrange(v, "(v f) n c -> v f n c", v=videos, f=frames)
+    if mode in (FrameMode.FIRST_FRAME, FrameMode.MIDDLE_FRAME):
+        src = 0 if mode is FrameMode.FIRST_FRAME else frames // 2
+        qg = rearrange(q, "(v f) n c -> v (f n) c", v=videos, f=frames)
+        return FrameAttentionInputs(qg, kf[:, src], vf[:, src], rows, tokens, True)
+    # sparse_causal: keys of frame 0 then of the previous frame, per frame.
+    prev = torch.clamp(torch.arange(frames, device=k.device) - 1, min=0)
+    k2 = torch.cat([kf[:, :1].expand(-1, frames, -1, -1), kf[:, prev]], dim=2)
+    v2 = torch.cat([vf[:, :1].expand(-1, frames, -1, -1), vf[:, prev]], dim=2)
+    return FrameAttentionInputs(q, rearrange(k2, "v f n c -> (v f) n c"), rearrange(v2, "v f n c -> (v f) n c"), rows, tokens, False)
+
+
+def per_row_keys(inputs: FrameAttentionInputs, frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs with one key/value set per row (``[videos·F, ·, C]``), for chained patches
+    written for ordinary row-aligned self-attention."""
+    if not inputs.queries_grouped:
+        return inputs.q, inputs.k, inputs.v
+    q = inputs.q.reshape(inputs.rows, inputs.tokens, inputs.q.shape[-1])
+    expand: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.repeat_interleave(frames, dim=0)
+    return q, expand(inputs.k), expand(inputs.v)

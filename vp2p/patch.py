@@ -1,0 +1,130 @@
+"""The one attention patch.
+
+A single ``AttentionPatch`` serves every ``attn1`` and ``attn2`` of the UNet and
+every temporal layer. Hosts call ``attn1``/``attn2`` with the projected
+``q, k, v: [B, N, H·D]`` and the block's ``extra_options`` (ComfyUI's replace-patch
+signature) and ``temporal_block`` with a transformer block's output. It
+
+1. identifies the layer from ``extra_options`` (``LayerKey``) and the rows from an
+   explicit ``BatchLayout`` (``cond_or_uncond`` × branches × frames);
+2. applies frame attention to ``attn1`` (T2S);
+3. lets the run's controller override or edit the attention;
+4. otherwise runs the fast path: a replace function that another node installed
+   earlier on the key (chained, never dropped), or the host's SDPA kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from .attention import AttentionFn, apply_probabilities, attention_probabilities, sdpa
+from .control import ATTN1, ATTN2, RUN_STATE_KEY, TEMPORAL, AttentionCall, AttentionController, RunState
+from .frame_attention import FrameAttentionInputs, FrameMode, frame_attention_inputs, per_row_keys
+from .keys import LayerKey
+from .layout import BatchLayout
+from .temporal import TemporalBank
+
+log = logging.getLogger("VideoP2P")
+
+# A replace function as ComfyUI calls it: (q, k, v, extra_options) -> out
+ReplaceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class T2SSettings:
+    """How the image model is inflated to a text-to-set model."""
+
+    frame_attention: FrameMode = FrameMode.FIRST_FRAME
+    temporal_attention: bool = True
+
+    def describe(self) -> str:
+        return f"frame_attention={self.frame_attention.value}, temporal_attention={self.temporal_attention}"
+
+
+class AttentionPatch:
+    """The attention replace function of the pack (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: T2SSettings,
+        attention_fn: AttentionFn = sdpa,
+        previous: Optional[Mapping[tuple[str, LayerKey], ReplaceFn]] = None,
+        temporal: Optional[TemporalBank] = None,
+    ) -> None:
+        self.settings = settings
+        self.attention_fn = attention_fn
+        self.previous: dict[tuple[str, LayerKey], ReplaceFn] = dict(previous or {})
+        self.temporal = temporal
+
+    # -- entry points -----------------------------------------------------------------
+    def attn1(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        """Frame (self) attention of one block: q/k/v [B, N, H·D] -> [B, N, H·D]."""
+        return self._dispatch(ATTN1, q, k, v, extra_options)
+
+    def attn2(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        """Cross attention of one block: q [B, N, H·D], k/v [B, T, H·D] -> [B, N, H·D]."""
+        return self._dispatch(ATTN2, q, k, v, extra_options)
+
+    def temporal_block(self, key: LayerKey, x: torch.Tensor, extra_options: Mapping[str, Any]) -> torch.Tensor:
+        """Temporal attention after a transformer block: x [B, N, C] -> [B, N, C]."""
+        if self.temporal is None or key not in self.temporal:
+            return x
+        run = self._run(extra_options)
+        layout = BatchLayout.resolve(x.shape[0], extra_options.get("cond_or_uncond"), run.layout)
+        controller = run.controller
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+            call = AttentionCall(TEMPORAL, key, heads, layout, self.settings.frame_attention, extra_options)
+            return self._attend(call, controller, q, k, v, extra_options, None)
+
+        return self.temporal[key](x, layout.videos, layout.frames, attend)
+
+    # -- internals --------------------------------------------------------------------
+    @staticmethod
+    def _run(extra_options: Mapping[str, Any]) -> RunState:
+        run = extra_options.get(RUN_STATE_KEY)
+        return run if isinstance(run, RunState) else RunState()
+
+    def _dispatch(self, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        key = LayerKey.from_extra_options(extra_options)
+        heads = int(extra_options["n_heads"])
+        run = self._run(extra_options)
+        layout = BatchLayout.resolve(q.shape[0], extra_options.get("cond_or_uncond"), run.layout)
+        mode = self.settings.frame_attention if kind == ATTN1 else FrameMode.NONE
+        inputs = frame_attention_inputs(q, k, v, layout.videos, layout.frames, mode)
+        call = AttentionCall(kind, key, heads, layout, mode if layout.frames > 1 else FrameMode.NONE, extra_options)
+        return self._attend(call, run.controller, inputs.q, inputs.k, inputs.v, extra_options, inputs)
+
+    def _attend(
+        self,
+        call: AttentionCall,
+        controller: Optional[AttentionController],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        extra_options: Mapping[str, Any],
+        inputs: Optional[FrameAttentionInputs],
+    ) -> torch.Tensor:
+        restore = inputs.restore if inputs is not None else (lambda t: t)
+        if controller is not None:
+            out = controller.override(call, q, k, v)
+            if out is not None:
+                return restore(out)
+            if controller.needs_probabilities(call):
+                probs = controller.edit_probabilities(call, attention_probabilities(q, k, call.heads))
+                return restore(apply_probabilities(probs, v, call.heads))
+        previous = self.previous.get((call.kind, call.key))
+        if previous is not None and inputs is not None:
+            # Chained patches expect ordinary row-aligned inputs.
+            qr, kr, vr = per_row_keys(inputs, call.layout.frames)
+            return previous(qr, kr, vr, dict(extra_options))
+        return restore(self.attention_fn(q, k, v, call.heads, extra_options))
+
+
+def is_vp2p_patch(fn: Any) -> bool:
+    """Whether a registered replace function is a bound method of an ``AttentionPatch``."""
+    return isinstance(getattr(fn, "__self__", None), AttentionPatch)

@@ -1,0 +1,83 @@
+"""Step identity and the DDIM schedule in ComfyUI's σ-space.
+
+ComfyUI samples ``x = x_ddpm·√(1+σ²)`` with ``σ_t = √((1−ᾱ_t)/ᾱ_t)``. Deterministic DDIM
+is Euler in this space and running the sigmas backwards is DDIM inversion. For parity
+with the reference implementations the schedule is built from explicit timesteps
+(981…1 for 50 steps) and ends at the reference's final ᾱ (ᾱ_0, not 1), so the last
+sigma is small but not zero. A step is identified by matching a call's sigma against
+the schedule, never by counting calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import SettingsError
+
+
+def sd_alphas_cumprod(train_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """ᾱ of Stable Diffusion's ``scaled_linear`` schedule, float64 [train_steps]."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, train_steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def sigma_from_alpha(alpha_cumprod: torch.Tensor) -> torch.Tensor:
+    return ((1.0 - alpha_cumprod) / alpha_cumprod).sqrt()
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A denoising schedule: ``timesteps`` [S] (high→low) and ``sigmas`` [S+1], the last one
+    being where sampling ends (σ of the reference's final ᾱ)."""
+
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+
+    @property
+    def steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    @classmethod
+    def reference(cls, steps: int, alphas_cumprod: torch.Tensor | None = None) -> "Schedule":
+        """The reference DDIM schedule: timesteps ``(S−1…0)·(T//S) + 1`` ("leading" with
+        offset 1: 981…1 for 50 steps of 1000) and final ᾱ = ᾱ_0."""
+        ac = sd_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod.to(torch.float64)
+        train = int(ac.shape[0])
+        if steps < 1 or steps > train:
+            raise SettingsError(f"steps must be between 1 and {train}, got {steps}.")
+        ratio = train // steps
+        timesteps = torch.arange(steps - 1, -1, -1, dtype=torch.long) * ratio + 1
+        sigmas = torch.cat([sigma_from_alpha(ac[timesteps]), sigma_from_alpha(ac[:1])])
+        return cls(timesteps, sigmas.float())
+
+    def step_index(self, sigma: torch.Tensor | float, rtol: float = 1e-4) -> int:
+        """The index ``i`` with ``sigmas[i] == sigma`` (relative tolerance); raises if none."""
+        s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+        diffs = (self.sigmas[:-1].double() - s).abs()
+        i = int(torch.argmin(diffs))
+        if diffs[i] > rtol * max(abs(s), 1e-8):
+            raise SettingsError(f"sigma={s:.6g} is not a step of this schedule ({self.steps} steps, σ from {float(self.sigmas[0]):.4g} to {float(self.sigmas[-2]):.4g}).")
+        return i
+
+
+# denoised = D(x, sigma_index): x in σ-space [B, C, h, w] -> x0 prediction [B, C, h, w]
+Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def ddim_sample(denoise: Denoiser, x: torch.Tensor, schedule: Schedule, callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Deterministic DDIM (= Euler in σ-space) from ``sigmas[0]`` to ``sigmas[-1]``.
+
+    x: [B, C, h, w] at σ_0 in σ-space -> the latent at the final sigma, rescaled to the
+    data scale (divided by √(1+σ_final²)) like the reference's output.
+    """
+    sig = schedule.sigmas.to(x.device)
+    for i in range(schedule.steps):
+        d = denoise(x, i)
+        eps = (x - d) / sig[i]
+        x = d + eps * sig[i + 1]
+        if callback is not None:
+            callback(i, x)
+    return x / torch.sqrt(1.0 + sig[-1] ** 2)
