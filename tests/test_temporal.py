@@ -66,3 +66,11 @@ def test_bank_copy_is_independent():
     with torch.no_grad():
         c[KEY].to_out.weight.add_(1.0)
     assert not torch.equal(a[KEY].to_out.weight, c[KEY].to_out.weight)
+
+
+def test_bank_init_is_reproducible():
+    a, b = bank(), bank()
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb and torch.equal(pa, pb)
+    c = TemporalBank({KEY: SHAPE}, seed=1)
+    assert not torch.equal(a[KEY].to_q.weight, c[KEY].to_q.weight)

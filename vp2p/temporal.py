@@ -9,6 +9,7 @@ forward hooks; the base model's modules are never changed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
@@ -40,7 +41,7 @@ def _cast(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tenso
 class TemporalAttention(nn.Module):
     """Attention over frames at every spatial position, residual, zero-initialised output."""
 
-    def __init__(self, shape: BlockShape) -> None:
+    def __init__(self, shape: BlockShape, generator: Optional[torch.Generator] = None) -> None:
         super().__init__()
         inner = shape.heads * shape.dim_head
         self.heads = shape.heads
@@ -49,6 +50,10 @@ class TemporalAttention(nn.Module):
         self.to_k = nn.Linear(shape.dim, inner, bias=False)
         self.to_v = nn.Linear(shape.dim, inner, bias=False)
         self.to_out = nn.Linear(inner, shape.dim)
+        for lin in (self.to_q, self.to_k, self.to_v):
+            # PyTorch's default Linear init, drawn from an explicit generator so that an
+            # inflation is reproducible (same bank on every run and on every host).
+            nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
 
@@ -67,10 +72,16 @@ class TemporalAttention(nn.Module):
 class TemporalBank(nn.Module):
     """One ``TemporalAttention`` per transformer block, addressed by ``LayerKey``."""
 
-    def __init__(self, shapes: Mapping[LayerKey, BlockShape]) -> None:
+    def __init__(self, shapes: Mapping[LayerKey, BlockShape], seed: int = 0) -> None:
         super().__init__()
         self.shapes = dict(shapes)
-        self.layers = nn.ModuleDict({key.slug: TemporalAttention(shape) for key, shape in sorted(shapes.items())})
+        self.seed = seed
+        g = torch.Generator().manual_seed(seed)
+        self.layers = nn.ModuleDict({key.slug: TemporalAttention(shape, g) for key, shape in sorted(shapes.items())})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def __getitem__(self, key: LayerKey) -> TemporalAttention:
         return self.layers[key.slug]  # type: ignore[return-value]
@@ -83,6 +94,6 @@ class TemporalBank(nn.Module):
 
     def copy(self) -> "TemporalBank":
         """An independent bank with the same weights (for tuning a copy)."""
-        twin = TemporalBank(self.shapes)
+        twin = TemporalBank(self.shapes, self.seed).to(self.device)
         twin.load_state_dict(self.state_dict())
-        return twin.to(next(self.parameters()).device)
+        return twin

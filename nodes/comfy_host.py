@@ -1,0 +1,164 @@
+"""The ComfyUI host: installs the pack's attention patch and temporal layers on a
+``ModelPatcher`` clone through ComfyUI's sanctioned extension points.
+
+* attention: one ``AttentionPatch`` registered as the ``attn1``/``attn2`` replace of
+  every transformer key enumerated from the model (replaces already present are
+  chained, a previous inflation's are replaced, never stacked);
+* temporal layers: a ``PatcherInjection`` that adds forward hooks on the transformer
+  blocks while the clone is patched and removes them when it is unpatched; the base
+  model's modules never change;
+* state: a ``T2SState`` attachment (shared by reference between clones, never
+  deep-copied).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.patcher_extension
+
+from ..vp2p import AttentionPatch, LayerKey, T2SSettings, TemporalBank, UnsupportedModelError, is_vp2p_patch
+from ..vp2p.keys import comfy_transformer_keys
+from ..vp2p.temporal import BlockShape
+
+log = logging.getLogger("VideoP2P")
+
+STATE_KEY = "vp2p_t2s"
+TEMPORAL_INJECTION_KEY = "vp2p_temporal"
+
+
+def comfy_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: Optional[dict] = None) -> torch.Tensor:
+    """ComfyUI's configured attention kernel (SDPA, xformers, sage, sub-quadratic …)."""
+    eo = extra_options or {}
+    return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=eo.get("attn_precision"), transformer_options=eo)
+
+
+@dataclass
+class T2SState:
+    """What an inflated MODEL carries: its settings, its patch and where its blocks live."""
+
+    settings: T2SSettings
+    patch: AttentionPatch
+    blocks: dict[LayerKey, str]
+
+    @property
+    def bank(self) -> Optional[TemporalBank]:
+        return self.patch.temporal
+
+
+def model_name(model: Any) -> str:
+    inner = getattr(model, "model", None)
+    config = getattr(inner, "model_config", None)
+    return f"{type(inner).__name__} ({type(config).__name__})" if config is not None else type(inner).__name__
+
+
+def transformer_blocks(model: Any) -> dict[LayerKey, str]:
+    """Enumerate the SD-style transformer blocks of a ComfyUI MODEL: key -> module path."""
+    dm = model.get_model_object("diffusion_model")
+    keys = comfy_transformer_keys(name for name, _ in dm.named_modules())
+    if not keys:
+        raise UnsupportedModelError(
+            f"The MODEL is {model_name(model)}, which has no SD-style spatial transformer blocks "
+            "(input_blocks/middle_block/output_blocks with transformer_blocks). Inflate to T2S works with "
+            "SD1.x/SD2.x-style UNets (SDXL too); it cannot inflate DiT/MMDiT models such as SD3, Flux or video DiTs."
+        )
+    return keys
+
+
+def block_shapes(model: Any, blocks: dict[LayerKey, str]) -> dict[LayerKey, BlockShape]:
+    dm = model.get_model_object("diffusion_model")
+    shapes = {}
+    for key, path in blocks.items():
+        block = dm.get_submodule(path)
+        shapes[key] = BlockShape(dim=block.attn1.to_q.in_features, heads=block.n_heads, dim_head=block.d_head)
+    return shapes
+
+
+def get_state(model: Any) -> Optional[T2SState]:
+    state = model.get_attachment(STATE_KEY) if hasattr(model, "get_attachment") else None
+    return state if isinstance(state, T2SState) else None
+
+
+class _TemporalHooks:
+    """Adds the temporal layers as forward hooks while the patcher is injected."""
+
+    def __init__(self, patch: AttentionPatch, blocks: dict[LayerKey, str]) -> None:
+        self.patch = patch
+        self.blocks = blocks
+        self.handles: list[Any] = []
+
+    def _hook(self, key: LayerKey) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+            options = kwargs.get("transformer_options")
+            if options is None and len(args) > 2:
+                options = args[2]
+            return self.patch.temporal_block(key, output, options or {})
+        return hook
+
+    def inject(self, patcher: Any) -> None:
+        if self.handles:
+            return
+        bank = self.patch.temporal
+        if bank is not None and bank.device != torch.device(patcher.load_device):
+            bank.to(patcher.load_device)  # the bank belongs to this inflation, not to the base model
+        dm = patcher.model.diffusion_model
+        for key, path in self.blocks.items():
+            self.handles.append(dm.get_submodule(path).register_forward_hook(self._hook(key), with_kwargs=True))
+
+    def eject(self, patcher: Any) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def inflate(model: Any, settings: T2SSettings, seed: int = 0) -> Any:
+    """Return a clone of ``model`` inflated to a T2S model; ``model`` itself is not touched.
+
+    Inflating an inflated model replaces its settings (the temporal layers, possibly
+    tuned, are kept when temporal attention stays on).
+    """
+    blocks = transformer_blocks(model)
+    previous_state = get_state(model)
+    clone = model.clone()
+
+    bank: Optional[TemporalBank] = None
+    if settings.temporal_attention:
+        if previous_state is not None and previous_state.bank is not None:
+            bank = previous_state.bank
+        else:
+            bank = TemporalBank(block_shapes(model, blocks), seed=seed)
+    if previous_state is not None:
+        log.info("Inflate to T2S: the MODEL was already inflated (%s); replacing with %s.",
+                 previous_state.settings.describe(), settings.describe())
+
+    replaces = clone.model_options.get("transformer_options", {}).get("patches_replace", {})
+    chained: dict[tuple[str, LayerKey], Any] = {}
+    for kind in ("attn1", "attn2"):
+        for key in blocks:
+            fn = replaces.get(kind, {}).get((key.block, key.id, key.index))
+            if fn is None:
+                continue
+            if is_vp2p_patch(fn):
+                fn = fn.__self__.previous.get((kind, key))
+            if fn is not None:
+                chained[(kind, key)] = fn
+    if chained:
+        log.info("Inflate to T2S: chaining %d attention replace(s) installed by other nodes.", len(chained))
+
+    patch = AttentionPatch(settings, attention_fn=comfy_sdpa, previous=chained, temporal=bank)
+    for key in blocks:
+        clone.set_model_attn1_replace(patch.attn1, key.block, key.id, key.index)
+        clone.set_model_attn2_replace(patch.attn2, key.block, key.id, key.index)
+
+    clone.remove_injections(TEMPORAL_INJECTION_KEY)
+    if bank is not None:
+        hooks = _TemporalHooks(patch, blocks)
+        clone.set_injections(TEMPORAL_INJECTION_KEY, [comfy.patcher_extension.PatcherInjection(hooks.inject, hooks.eject)])
+    clone.set_attachments(STATE_KEY, T2SState(settings, patch, blocks))
+    log.info("Inflate to T2S: %s on %d transformer blocks of %s.", settings.describe(), len(blocks), model_name(model))
+    return clone

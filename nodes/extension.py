@@ -1,0 +1,12 @@
+"""The pack's ComfyExtension: the list of nodes ComfyUI registers."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .t2s_nodes import InflateT2S
+
+
+class VideoP2PExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [InflateT2S]

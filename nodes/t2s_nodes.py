@@ -1,0 +1,46 @@
+"""Node ``VP2P_InflateT2S`` — "Inflate to T2S"."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..vp2p import FrameMode, T2SSettings
+from .comfy_host import inflate
+
+FRAME_MODE_HELP = (
+    "Which frames each frame's self-attention looks at. first_frame: frame 0 (Video-P2P). "
+    "sparse_causal: frame 0 and the previous frame (Tune-A-Video; shape edits). "
+    "middle_frame: the middle frame (FateZero; style/attribute edits without tuning). "
+    "none: every frame on its own (the image model)."
+)
+
+
+class InflateT2S(io.ComfyNode):
+    """Turn an SD image model into a text-to-set model: frames of a latent batch become one video."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VP2P_InflateT2S",
+            display_name="Inflate to T2S",
+            category="video_p2p/model",
+            description=(
+                "Inflates an SD1.x/SD2.x MODEL into a text-to-set (T2S) model: the latent batch is one video, "
+                "self-attention becomes frame attention and (optionally) temporal attention layers are added. "
+                "The input MODEL is not changed. The output works with stock samplers."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.x/SD2.x MODEL (from a checkpoint loader, LoRA, IPAdapter …). It is cloned, never modified."),
+                io.Combo.Input("frame_attention", options=[m.value for m in FrameMode], default=FrameMode.FIRST_FRAME.value,
+                               tooltip=FRAME_MODE_HELP),
+                io.Boolean.Input("temporal_attention", default=True,
+                                 tooltip="Add temporal attention layers (attention over frames at every position), as in "
+                                         "Tune-A-Video/Video-P2P. They start as an exact identity and only act after Tune on Video."),
+            ],
+            outputs=[io.Model.Output(tooltip="The inflated MODEL: a latent batch of F frames is sampled as one video.")],
+        )
+
+    @classmethod
+    def execute(cls, model, frame_attention: str, temporal_attention: bool) -> io.NodeOutput:
+        settings = T2SSettings(FrameMode.parse(frame_attention), bool(temporal_attention))
+        return io.NodeOutput(inflate(model, settings))

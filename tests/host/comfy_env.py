@@ -1,0 +1,115 @@
+"""Finding and starting a real ComfyUI for the host tests, and random-weight models in it.
+
+ComfyUI is found through ``COMFYUI_PATH`` or by the pack living in
+``ComfyUI/custom_nodes/``. Models are real ComfyUI models loaded through ComfyUI's
+own loader from a random-weight diffusers UNet mapped with ComfyUI's
+diffusers→ComfyUI key map, so the same weights exist on both hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def find_comfyui() -> Optional[Path]:
+    env = os.environ.get("COMFYUI_PATH")
+    candidates = [Path(env)] if env else []
+    candidates.append(ROOT.parent.parent)  # ComfyUI/custom_nodes/<this pack>
+    for c in candidates:
+        if (c / "comfy" / "model_patcher.py").is_file() and (c / "nodes.py").is_file():
+            return c.resolve()
+    return None
+
+
+def import_comfy(path: Path) -> None:
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = not torch.cuda.is_available()
+
+
+def load_pack() -> Any:
+    """Load the pack through ComfyUI's own custom-node loader; returns the pack module."""
+    import nodes
+
+    ok = asyncio.run(nodes.load_custom_node(str(ROOT)))
+    assert ok, "ComfyUI's loader refused the pack (see the log above)"
+    return sys.modules[str(ROOT).replace(".", "_x_")]
+
+
+def sd15_unet_config(levels: int) -> tuple[dict, dict]:
+    """(diffusers config, ComfyUI unet_config) of an SD1.5-format UNet with ``levels`` levels.
+
+    The full shape has 4 levels (16 transformer keys). Fewer levels keep model_channels
+    320 and context 768, so ComfyUI still detects it as SD1.5, and it is far faster on a CPU.
+    """
+    chans = [320, 640, 1280, 1280][:levels]
+    attn = [True, True, True, False][:levels] if levels == 4 else [True] * (levels - 1) + [False]
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+    diffusers_cfg = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=tuple(chans),
+                         down_block_types=down, up_block_types=up, cross_attention_dim=768, attention_head_dim=8)
+    depth = []
+    for a in attn:
+        depth += [1 if a else 0] * 2
+    depth_out = []
+    for a in attn:
+        depth_out += [1 if a else 0] * 3
+    mult = [c // 320 for c in chans]
+    comfy_cfg = dict(num_res_blocks=[2] * levels, channel_mult=mult, transformer_depth=depth,
+                     transformer_depth_output=depth_out, transformer_depth_middle=1)
+    return diffusers_cfg, comfy_cfg
+
+
+def make_models(levels: int, seed: int = 0) -> tuple[Any, Any]:
+    """(diffusers UNet, ComfyUI ModelPatcher) with identical random weights."""
+    import comfy.sd
+    import comfy.utils
+    from diffusers import UNet2DConditionModel
+
+    from tests.helpers import assert_nontrivial, init_weights
+
+    dcfg, ccfg = sd15_unet_config(levels)
+    unet = init_weights(UNet2DConditionModel(**dcfg), seed).eval()
+    assert_nontrivial(unet, dcfg)
+    mapping = comfy.utils.unet_to_diffusers(ccfg)
+    dsd = unet.state_dict()
+    csd = {comfy_key: dsd[diff_key].clone() for diff_key, comfy_key in mapping.items() if diff_key in dsd}
+    missing = set(dsd) - set(mapping)
+    assert not missing, f"diffusers keys without a ComfyUI mapping: {sorted(missing)[:5]}"
+    patcher = comfy.sd.load_diffusion_model_state_dict(csd)
+    assert patcher is not None, "ComfyUI did not detect the random UNet as an SD model"
+    assert type(patcher.model.model_config).__name__ == "SD15"
+    return unet, patcher
+
+
+def comfy_eps(patcher: Any, x: torch.Tensor, t: int, ctx: torch.Tensor, cond_or_uncond: Optional[list[int]] = None,
+              extra: Optional[dict] = None) -> torch.Tensor:
+    """One real ComfyUI UNet forward (patches and injections applied), returning eps.
+
+    Builds the transformer options exactly as ComfyUI's ``calc_cond_batch`` does.
+    """
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher])
+    model = patcher.model
+    dev = patcher.load_device
+    to = patcher.model_options.get("transformer_options", {}).copy()
+    to["cond_or_uncond"] = list(cond_or_uncond or [0])
+    ts = torch.full((x.shape[0],), float(t), device=dev)
+    to["sigmas"] = model.model_sampling.sigma(ts)
+    if extra:
+        to.update(extra)
+    with torch.inference_mode():
+        dtype = model.get_dtype()
+        out = model.diffusion_model(x.to(dev, dtype), timesteps=ts, context=ctx.to(dev, dtype), transformer_options=to)
+    return out.float().cpu()
