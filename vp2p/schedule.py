@@ -53,6 +53,12 @@ class Schedule:
         sigmas = torch.cat([sigma_from_alpha(ac[timesteps]), sigma_from_alpha(ac[:1])])
         return cls(timesteps, sigmas.float())
 
+    def tail(self, start: int) -> "Schedule":
+        """The schedule from step ``start`` on (img2img / SDEdit-style partial denoising)."""
+        if not 0 <= start < self.steps:
+            raise SettingsError(f"start step must be in [0, {self.steps - 1}], got {start}.")
+        return Schedule(self.timesteps[start:], self.sigmas[start:])
+
     def step_index(self, sigma: torch.Tensor | float, rtol: float = 1e-4) -> int:
         """The index ``i`` with ``sigmas[i] == sigma`` (relative tolerance); raises if none."""
         s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)

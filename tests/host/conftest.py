@@ -14,13 +14,13 @@ def pytest_collection_modifyitems(config, items):
         if "tests/host/" in str(item.fspath).replace("\\", "/"):
             item.add_marker(pytest.mark.comfy)
             if COMFY is None:
-                item.add_marker(pytest.mark.skip(reason="ComfyUI host tests skipped: no ComfyUI found (set COMFYUI_PATH)"))
+                item.add_marker(pytest.mark.skip(reason="no ComfyUI found (set COMFYUI_PATH)"))
 
 
 @pytest.fixture(scope="session")
 def comfy_path():
     if COMFY is None:
-        pytest.skip("ComfyUI host tests skipped: no ComfyUI found (set COMFYUI_PATH)")
+        pytest.skip("no ComfyUI found (set COMFYUI_PATH)")
     import_comfy(COMFY)
     return COMFY
 

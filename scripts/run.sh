@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The pack's main job, headless, on a fresh machine: makes .venv, installs what it needs,
+# runs scripts/video_p2p.py (arguments are passed through; see --help).
+# With no arguments it uses an embedded default: a generated clip and a small random-weight
+# SD1.5-shaped model (no weights are downloaded; the output is noise by design).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+PY=.venv/bin/python
+"$PY" -m pip install --quiet --disable-pip-version-check torch==2.13.0
+"$PY" -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+"$PY" -m pip install --quiet --disable-pip-version-check --no-deps open_clip_torch
+exec "$PY" scripts/video_p2p.py "$@"

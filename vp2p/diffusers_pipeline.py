@@ -1,0 +1,150 @@
+"""Headless video runs on diffusers components through ``DiffusersT2S``.
+
+Used by the README's main-job command: with a real SD1.x/SD2.x checkpoint in diffusers
+format it does the real job; without one it builds a small random-weight SD1.5-shaped
+model (the output is then noise, and says so).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .control import RunState
+from .diffusers_host import DiffusersT2S
+from .errors import SettingsError
+from .layout import COND, UNCOND
+from .patch import T2SSettings
+from .schedule import Schedule, ddim_sample
+
+log = logging.getLogger("VideoP2P")
+
+
+@dataclass
+class Components:
+    """What a text-to-image SD model consists of, on the diffusers side."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    alphas_cumprod: torch.Tensor
+    prediction_type: str = "epsilon"
+    scaling_factor: float = 0.18215
+    random_weights: bool = False
+
+
+def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Components:
+    """Load a diffusers-format SD1.x/SD2.x folder from disk (never from a hub)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if not (model_dir / "unet").is_dir():
+        raise SettingsError(f"{model_dir} is not a diffusers-format model folder (no unet/ inside). Give the folder that holds unet/, vae/, text_encoder/, tokenizer/.")
+    kw = dict(local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(str(model_dir), subfolder="unet", **kw).to(device, dtype).eval()
+    vae = AutoencoderKL.from_pretrained(str(model_dir), subfolder="vae", **kw).to(device, dtype).eval()
+    text = CLIPTextModel.from_pretrained(str(model_dir), subfolder="text_encoder", **kw).to(device, dtype).eval()
+    tok = CLIPTokenizer.from_pretrained(str(model_dir), subfolder="tokenizer", **kw)
+    sched_file = model_dir / "scheduler" / "scheduler_config.json"
+    sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
+    from .schedule import sd_alphas_cumprod
+
+    ac = sd_alphas_cumprod(sched.get("num_train_timesteps", 1000), sched.get("beta_start", 0.00085), sched.get("beta_end", 0.012))
+    return Components(unet, vae, text, tok, ac, sched.get("prediction_type", "epsilon"), float(vae.config.scaling_factor))
+
+
+def random_components(device: torch.device, dtype: torch.dtype, seed: int = 0) -> Components:
+    """A small random-weight SD1.5-shaped model: 320/640-channel UNet with 768-wide cross
+    attention, an 8×-downsampling VAE and a 2-layer CLIP text encoder with the real vocabulary."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .clip_vocab import CONTEXT_LENGTH, clip_tokenizer
+    from .schedule import sd_alphas_cumprod
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, layers_per_block=2, block_out_channels=(320, 640),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+    )
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=12,
+                                        max_position_embeddings=CONTEXT_LENGTH, vocab_size=49408))
+    return Components(unet.to(device, dtype).eval(), vae.to(device, dtype).eval(), text.to(device, dtype).eval(),
+                      clip_tokenizer(), sd_alphas_cumprod(), random_weights=True)
+
+
+@torch.no_grad()
+def encode_prompt(c: Components, prompt: str) -> torch.Tensor:
+    """[1, T, C] text embedding."""
+    ids = c.tokenizer(prompt, padding="max_length", max_length=c.tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+    return c.text_encoder(ids.to(c.text_encoder.device))[0]
+
+
+@torch.no_grad()
+def encode_video(c: Components, frames: torch.Tensor) -> torch.Tensor:
+    """frames [F, H, W, 3] in [0, 1] -> latents [F, 4, H/8, W/8] (scaled)."""
+    x = frames.permute(0, 3, 1, 2).to(c.vae.device, c.vae.dtype) * 2 - 1
+    return c.vae.encode(x).latent_dist.mean * c.scaling_factor
+
+
+@torch.no_grad()
+def decode_video(c: Components, latents: torch.Tensor) -> torch.Tensor:
+    """latents [F, 4, h, w] -> frames [F, 8h, 8w, 3] in [0, 1]."""
+    x = c.vae.decode(latents.to(c.vae.dtype) / c.scaling_factor).sample
+    return ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def cfg_denoiser(c: Components, host: DiffusersT2S, schedule: Schedule, cond: torch.Tensor, uncond: torch.Tensor,
+                 cfg: float, run: Optional[RunState] = None) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """D(x, i): classifier-free guided x0 prediction in σ-space, uncond and cond in one UNet call."""
+
+    def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
+        frames = x.shape[0]
+        sigma = schedule.sigmas[i].to(x.device)
+        scale = torch.rsqrt(1 + sigma**2)
+        x_in = torch.cat([x, x]) * scale
+        ctx = torch.cat([uncond.expand(frames, -1, -1), cond.expand(frames, -1, -1)]).to(x.dtype)
+        out = host(x_in.to(c.unet.dtype), schedule.timesteps[i].to(x.device), ctx.to(c.unet.dtype),
+                   cond_or_uncond=[UNCOND, COND], sigmas=sigma.expand(2 * frames), run=run).float()
+        xx = torch.cat([x, x])
+        if c.prediction_type == "v_prediction":
+            x0 = xx * scale**2 - (sigma * scale) * out
+        else:
+            x0 = xx - sigma * out
+        x0_u, x0_c = x0.chunk(2)
+        return x0_u + cfg * (x0_c - x0_u)
+
+    return denoise
+
+
+def sample_video(c: Components, settings: T2SSettings, latents: torch.Tensor, prompt: str, negative: str = "",
+                 steps: int = 20, cfg: float = 7.5, strength: float = 0.7, seed: int = 0,
+                 progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+    """Tune-A-Video-style sampling of a clip with the inflated model (SDEdit from the clip's
+    latents at ``strength``; 1.0 = from pure noise). latents [F, 4, h, w] -> [F, 4, h, w]."""
+    if not 0.0 < strength <= 1.0:
+        raise SettingsError(f"strength must be in (0, 1], got {strength}.")
+    full = Schedule.reference(steps, c.alphas_cumprod)
+    start = min(steps - 1, int(round(steps * (1.0 - strength))))
+    schedule = full.tail(start)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=g).to(latents.device)
+    x = latents.float() + schedule.sigmas[0] * noise
+    cond, uncond = encode_prompt(c, prompt), encode_prompt(c, negative)
+    with DiffusersT2S(c.unet, settings) as host:
+        denoise = cfg_denoiser(c, host, schedule, cond, uncond, cfg)
+        cb = (lambda i, _x: progress(i + 1, schedule.steps)) if progress else None
+        with torch.no_grad():
+            return ddim_sample(denoise, x, schedule, cb)
