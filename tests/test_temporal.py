@@ -45,6 +45,8 @@ def test_temporal_attention_matches_reference_over_frames():
                 outs.append(w @ v[:, sl])
             want[vid * frames:(vid + 1) * frames, p] += layer.to_out(torch.cat(outs, -1))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    fast = layer(x, videos, frames)  # no attend callback: the fused, copy-free path
+    torch.testing.assert_close(fast, want, atol=1e-5, rtol=1e-5)
 
 
 def test_patch_runs_temporal_layer_with_layout_from_cond_or_uncond():
@@ -74,3 +76,23 @@ def test_bank_init_is_reproducible():
         assert na == nb and torch.equal(pa, pb)
     c = TemporalBank({KEY: SHAPE}, seed=1)
     assert not torch.equal(a[KEY].to_q.weight, c[KEY].to_q.weight)
+
+
+def test_untuned_layer_is_skipped_but_still_trains():
+    layer = bank()[KEY]
+    x = torch.randn(2 * 3, 4, 16)
+    calls = []
+    with torch.no_grad():
+        assert torch.equal(layer(x, 2, 3), x)  # identity, nothing computed
+        out = layer(x, 2, 3, attend=lambda *a: calls.append(1) or sdpa(*a))
+    assert torch.equal(out, x) and calls  # a controller still sees the temporal maps
+    # with gradients on, the layer runs so that the zero output projection can learn
+    x.requires_grad_(True)
+    y = layer(x, 2, 3)
+    y.pow(2).sum().backward()
+    assert layer.to_out.weight.grad is not None and layer.to_out.weight.grad.abs().sum() > 0
+    # once trained (in place: a new tensor version), it acts
+    with torch.no_grad():
+        layer.to_out.weight.add_(0.1)
+        assert not layer.is_identity()
+        assert not torch.equal(layer(x.detach(), 2, 3), x.detach())

@@ -76,6 +76,8 @@ class AttentionPatch:
         run = self._run(extra_options)
         layout = BatchLayout.resolve(x.shape[0], extra_options.get("cond_or_uncond"), run.layout)
         controller = run.controller
+        if controller is None:
+            return self.temporal[key](x, layout.videos, layout.frames)
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
             call = AttentionCall(TEMPORAL, key, heads, layout, self.settings.frame_attention, extra_options)

@@ -56,17 +56,50 @@ class TemporalAttention(nn.Module):
             nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
+        self._zero_cache: tuple[tuple[int, ...], bool] = ((), False)
 
-    def forward(self, x: torch.Tensor, videos: int, frames: int, attend: TemporalAttend) -> torch.Tensor:
-        """x: [videos·F, N, C] -> [videos·F, N, C]."""
+    def is_identity(self) -> bool:
+        """Whether the output projection is exactly zero (an untuned layer), so the layer is
+        the identity. Cached per tensor version: no device sync on every call."""
+        w, b = self.to_out.weight, self.to_out.bias
+        stamp = (w.data_ptr(), w._version, b.data_ptr(), b._version)
+        if self._zero_cache[0] != stamp:
+            self._zero_cache = (stamp, not bool(w.detach().any()) and not bool(b.detach().any()))
+        return self._zero_cache[1]
+
+    def forward(self, x: torch.Tensor, videos: int, frames: int, attend: Optional[TemporalAttend] = None) -> torch.Tensor:
+        """x: [videos·F, N, C] -> [videos·F, N, C].
+
+        ``attend`` (q, k, v: [videos·N, F, H·D]) lets a controller see or edit the temporal
+        maps; without it the fast path runs: one fused q/k/v projection and SDPA on
+        strided views, with no regrouping copies.
+        """
+        if attend is None and self.is_identity() and not (torch.is_grad_enabled() and self.to_out.weight.requires_grad):
+            # Exact (x + 0). A controller (attend) still sees the maps; training still runs
+            # the layer so that the zero output projection gets its gradient.
+            return x
         h = F.layer_norm(x, self.norm.normalized_shape, _cast(self.norm.weight, x), _cast(self.norm.bias, x), self.norm.eps)
-        h = rearrange(h, "(v f) n c -> (v n) f c", v=videos, f=frames)
-        q = F.linear(h, _cast(self.to_q.weight, h))
-        k = F.linear(h, _cast(self.to_k.weight, h))
-        v = F.linear(h, _cast(self.to_v.weight, h))
-        out = attend(q, k, v, self.heads)
-        out = F.linear(out, _cast(self.to_out.weight, out), _cast(self.to_out.bias, out))
-        return x + rearrange(out, "(v n) f c -> (v f) n c", v=videos, f=frames)
+        w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+        qkv = F.linear(h, _cast(w, h))  # [v·f, n, 3·H·D]
+        n = x.shape[1]
+        d = qkv.shape[-1] // (3 * self.heads)
+        if attend is None:
+            t = qkv.view(videos, frames, n, 3, self.heads, d)
+            q = t[:, :, :, 0].permute(0, 2, 3, 1, 4)  # [v, n, H, f, D] strided views, no copies
+            v = t[:, :, :, 2].permute(0, 2, 3, 1, 4)
+            if x.device.type == "cpu":
+                # CPU SDPA pays per (position, head) problem; for F×F maps two batched
+                # matmuls with the scale folded into q and kᵀ read as a view are ~1.4×
+                # faster (bench/bench_inflate.py), and the maps are tiny.
+                kt = t[:, :, :, 1].permute(0, 2, 3, 4, 1)  # [v, n, H, D, f]
+                out = torch.matmul(torch.matmul(q * d**-0.5, kt).softmax(dim=-1), v)
+            else:
+                out = F.scaled_dot_product_attention(q, t[:, :, :, 1].permute(0, 2, 3, 1, 4), v)
+            out = out.permute(0, 3, 1, 2, 4).reshape(videos * frames, n, self.heads * d)
+        else:
+            q, k, v = (rearrange(t, "(v f) n c -> (v n) f c", v=videos, f=frames) for t in qkv.chunk(3, dim=-1))
+            out = rearrange(attend(q, k, v, self.heads), "(v n) f c -> (v f) n c", v=videos, f=frames)
+        return x + F.linear(out, _cast(self.to_out.weight, out), _cast(self.to_out.bias, out))
 
 
 class TemporalBank(nn.Module):
