@@ -124,3 +124,34 @@ def test_not_installed_is_a_clear_error(unet):
     x, ctx = inputs()
     with pytest.raises(RuntimeError, match="not installed"):
         host(x, 500, ctx)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", [FrameMode.FIRST_FRAME, FrameMode.SPARSE_CAUSAL, FrameMode.MIDDLE_FRAME])
+def test_odd_frame_count_and_non_square_latent(unet, mode):
+    g = torch.Generator().manual_seed(3)
+    frames = 5
+    x = torch.randn(2 * frames, 4, 12, 8, generator=g)  # 96×64 pixels at 8×
+    ctx = torch.randn(2 * frames, 7, 32, generator=g)
+    with DiffusersT2S(unet, T2SSettings(mode, True)) as host:
+        randomise_temporal(host.bank, seed=8)
+        out = host(x, 500, ctx, cond_or_uncond=[1, 0])
+        one = host(x[frames:], 500, ctx[frames:], cond_or_uncond=[0])
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert (out[frames:] - one).abs().max() <= 1e-5
+
+
+def test_long_video_temporal_path_matches_reference():
+    """Beyond CPU_MATMUL_MAX_FRAMES the CPU fast path switches to SDPA; both agree."""
+    from vp2p import BlockShape, LayerKey, TemporalBank
+    from vp2p.attention import sdpa
+    from vp2p.temporal import CPU_MATMUL_MAX_FRAMES
+
+    key = LayerKey("input", 1, 0)
+    bank = randomise_temporal(TemporalBank({key: BlockShape(16, 2, 8)}), seed=1)
+    frames = CPU_MATMUL_MAX_FRAMES + 4
+    x = torch.randn(frames, 3, 16)
+    with torch.no_grad():
+        fast = bank[key](x, 1, frames)
+        ref = bank[key](x, 1, frames, attend=sdpa)
+    assert (fast - ref).abs().max() <= 1e-5

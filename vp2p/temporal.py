@@ -21,6 +21,10 @@ from torch import nn
 from .keys import LayerKey
 
 # (q, k, v, heads) -> out, all [A, F, H·D]
+
+# Up to this many frames the CPU fast path builds the F×F maps explicitly (faster than
+# CPU SDPA for tiny maps); beyond it SDPA keeps memory linear in the frames.
+CPU_MATMUL_MAX_FRAMES = 16
 TemporalAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -87,7 +91,7 @@ class TemporalAttention(nn.Module):
             t = qkv.view(videos, frames, n, 3, self.heads, d)
             q = t[:, :, :, 0].permute(0, 2, 3, 1, 4)  # [v, n, H, f, D] strided views, no copies
             v = t[:, :, :, 2].permute(0, 2, 3, 1, 4)
-            if x.device.type == "cpu":
+            if x.device.type == "cpu" and frames <= CPU_MATMUL_MAX_FRAMES:
                 # CPU SDPA pays per (position, head) problem; for F×F maps two batched
                 # matmuls with the scale folded into q and kᵀ read as a view are ~1.4×
                 # faster (bench/bench_inflate.py), and the maps are tiny.
