@@ -14,9 +14,10 @@ UNet's processors and removes the hooks.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .control import RUN_STATE_KEY, RunState
@@ -24,6 +25,11 @@ from .errors import RegistrationError, UnsupportedModelError
 from .keys import LayerKey, diffusers_transformer_keys
 from .patch import AttentionPatch, T2SSettings
 from .temporal import BlockShape, TemporalBank
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .tuning import TuneSettings
 
 log = logging.getLogger("VideoP2P")
 
@@ -58,7 +64,10 @@ class _Processor:
         if attention_mask is not None:
             raise RegistrationError(f"{self.kind} of {self.key} received an attention mask; the pack's processor does not support masks.")
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        delta = self.host.deltas.get((self.kind, self.key))
+        # A tuned to_q is the base weight plus a delta the host owns; the UNet is never written.
+        q = attn.to_q(hidden_states) if delta is None else F.linear(hidden_states, attn.to_q.weight + delta.to(attn.to_q.weight))
+        k, v = attn.to_k(context), attn.to_v(context)
         eo = self.host.extra_options(self.key, attn.heads, q.shape[-1] // attn.heads)
         patch = self.host.patch
         out = patch.attn1(q, k, v, eo) if self.kind == "attn1" else patch.attn2(q, k, v, eo)
@@ -98,6 +107,7 @@ class DiffusersT2S:
             bank = TemporalBank({k: s for k, (_, s) in self.blocks.items()}).to(next(unet.parameters()).device)
         self.bank = bank if settings.temporal_attention else None
         self.patch = patch or AttentionPatch(settings, temporal=self.bank)
+        self.deltas: dict[tuple[str, LayerKey], torch.Tensor] = {}  # tuned to_q = base + delta
         self._options: dict[str, Any] = {}
         self._saved: Optional[dict[str, Any]] = None
         self._hooks: list[Any] = []
@@ -120,6 +130,25 @@ class DiffusersT2S:
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
         finally:
             self._options = {}
+
+    def denoiser(self, alphas_cumprod: torch.Tensor, prediction: str = "eps") -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``D(x_σ, σ, cond) -> x0`` for one video (cond rows only), the σ-space convention of ``vp2p.tuning``.
+        σ must be the σ of an integer training timestep."""
+        from .tuning import training_sigmas
+
+        table = training_sigmas(alphas_cumprod)
+
+        def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            s = sigma.to(x.device).view(-1, 1, 1, 1).float()
+            t = int(torch.argmin((table.to(sigma.device) - sigma.flatten()[0].float()).abs()))
+            a = torch.rsqrt(1 + s**2)
+            dtype = next(self.unet.parameters()).dtype
+            out = self((x * a).to(dtype), t, cond.to(dtype), cond_or_uncond=[0], sigmas=sigma).float()
+            if prediction == "v":
+                return x * a**2 - s * a * out
+            return x - s * out
+
+        return denoise
 
     # -- installation -----------------------------------------------------------------------
     def install(self) -> "DiffusersT2S":
@@ -161,3 +190,33 @@ class DiffusersT2S:
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
+
+
+def tune_diffusers(host: DiffusersT2S, latents: torch.Tensor, cond: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   settings: "TuneSettings", prediction: str = "eps", **kw: Any) -> list[float]:
+    """Tune on Video on the diffusers host: trains ``host.deltas`` (to_q of attn1/attn2 of every
+    block) and the host's temporal bank in place; the UNet's own weights are not written."""
+    from .tuning import tune
+
+    params: list[torch.Tensor] = []
+    for key, (path, _) in host.blocks.items():
+        block = host.unet.get_submodule(path)
+        for kind in ("attn1", "attn2"):
+            w = getattr(block, kind).to_q.weight
+            d = host.deltas.get((kind, key))
+            if d is None:
+                d = host.deltas[(kind, key)] = torch.zeros(w.shape, device=w.device, dtype=torch.float32)
+            params.append(d.requires_grad_(True))
+    if host.bank is not None:
+        params += list(host.bank.parameters())
+    frozen = [p.requires_grad for p in host.unet.parameters()]
+    for p in host.unet.parameters():
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            return tune(host.denoiser(alphas_cumprod, prediction), latents, cond, params, alphas_cumprod, settings, prediction, **kw)
+    finally:
+        for p, flag in zip(host.unet.parameters(), frozen):
+            p.requires_grad_(flag)
+        for d in host.deltas.values():
+            d.requires_grad_(False)

@@ -1,0 +1,112 @@
+"""Tune on Video, core loop and diffusers host."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.helpers import tiny_unet
+from vp2p import FrameMode, T2SSettings
+from vp2p.diffusers_host import DiffusersT2S, tune_diffusers
+from vp2p.schedule import sd_alphas_cumprod
+from vp2p.tuning import TrainingDivergedError, TuneSettings, is_trainable_unet_weight, training_sigmas, tune
+
+AC = sd_alphas_cumprod()
+
+
+def video(frames=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(1, 4, 8, 8, generator=g)
+    latents = base + 0.3 * torch.randn(frames, 4, 8, 8, generator=g)  # a "video": frames near one image
+    cond = torch.randn(1, 7, 32, generator=g)
+    return latents, cond
+
+
+def eval_loss(host, latents, cond, seeds=range(6)):
+    """A fixed-noise, fixed-timestep loss to compare before/after (the training loss is noisy)."""
+    denoise = host.denoiser(AC)
+    sig = training_sigmas(AC)
+    total = 0.0
+    with torch.no_grad():
+        for s in seeds:
+            g = torch.Generator().manual_seed(100 + s)
+            t = int(torch.randint(50, 950, (1,), generator=g))
+            noise = torch.randn(latents.shape, generator=g)
+            sigma = sig[t].expand(latents.shape[0])
+            x = latents + sig[t] * noise
+            eps = (x - denoise(x, sigma, cond.expand(latents.shape[0], -1, -1))) / sig[t]
+            total += float(((eps - noise) ** 2).mean())
+    return total / len(seeds)
+
+
+def tuned_host(unet, steps=40, seed=0, lr=2e-3):
+    latents, cond = video()
+    host = DiffusersT2S(unet, T2SSettings(FrameMode.FIRST_FRAME, True))
+    with host:
+        before = eval_loss(host, latents, cond)
+        losses = tune_diffusers(host, latents, cond, AC, TuneSettings(steps=steps, learning_rate=lr, seed=seed))
+        after = eval_loss(host, latents, cond)
+    return host, losses, before, after
+
+
+def test_trainable_set_names():
+    assert is_trainable_unet_weight("input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight")
+    assert is_trainable_unet_weight("down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_q.weight")
+    assert not is_trainable_unet_weight("down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight")
+    assert not is_trainable_unet_weight("input_blocks.1.1.proj_in.weight")
+
+
+def test_loss_decreases_and_only_intended_tensors_move(unet):
+    snapshot = copy.deepcopy(unet.state_dict())
+    host, losses, before, after = tuned_host(unet)
+    assert len(losses) == 40
+    assert after < 0.9 * before, (before, after)
+    for name, value in unet.state_dict().items():  # the UNet itself is never written
+        assert torch.equal(value, snapshot[name]), name
+    assert set(host.deltas) == {(kind, key) for key in host.blocks for kind in ("attn1", "attn2")}
+    assert all(d.abs().sum() > 0 for d in host.deltas.values())
+    moved = [n for n, p in host.bank.named_parameters() if "to_out" in n and p.abs().sum() > 0]
+    assert moved, "temporal output projections did not learn"
+
+
+def test_same_seed_same_result_other_seed_differs():
+    a, la, _, _ = tuned_host(tiny_unet(seed=0), steps=5, seed=3)
+    b, lb, _, _ = tuned_host(tiny_unet(seed=0), steps=5, seed=3)
+    c, lc, _, _ = tuned_host(tiny_unet(seed=0), steps=5, seed=4)
+    assert la == lb and la != lc
+    for k in a.deltas:
+        assert torch.equal(a.deltas[k], b.deltas[k])
+    for (n, p), (_, q) in zip(a.bank.named_parameters(), b.bank.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_zero_steps_change_nothing(unet):
+    latents, cond = video()
+    with DiffusersT2S(unet, T2SSettings()) as host:
+        losses = tune_diffusers(host, latents, cond, AC, TuneSettings(steps=0))
+    assert losses == [] and all(d.abs().sum() == 0 for d in host.deltas.values())
+
+
+def test_non_finite_loss_is_a_clear_error():
+    p = torch.zeros(3, requires_grad=True)
+    calls = []
+
+    def denoise(x, sigma, cond):
+        calls.append(1)
+        return x * p.sum() + (float("nan") if len(calls) == 3 else 0.0)
+
+    with pytest.raises(TrainingDivergedError, match="step 3/10"):
+        tune(denoise, torch.randn(2, 4, 4, 4), torch.randn(1, 3, 8), [p], AC, TuneSettings(steps=10))
+
+
+def test_v_prediction_target_is_consistent():
+    from vp2p.tuning import prediction_and_target
+
+    x0, noise = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    sigma = torch.tensor([0.5, 2.0])
+    x = x0 + sigma.view(-1, 1, 1, 1) * noise
+    for pred in ("eps", "v"):
+        p, t = prediction_and_target(x, x0, x0, noise, sigma, pred)  # perfect denoiser
+        torch.testing.assert_close(p, t, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,133 @@
+"""Tune on Video: fine-tune the T2S model on the video it will edit (Video-P2P §3.2,
+after Tune-A-Video).
+
+Trainable set (the reference's): ``to_q`` of frame attention (attn1) and of cross
+attention (attn2) in every transformer block, plus every temporal-attention parameter.
+Objective: the model's own training target (eps, or v for v-models) at a uniformly random
+training timestep (one per step, shared by the frames: the video is one sample) with
+fresh noise; AdamW with weight decay; gradient clipping.
+
+The loop is host-agnostic: it sees the model only through ``denoise(x_σ, σ, cond) -> x0``
+(ComfyUI's σ-space convention), so eps- and v-models train through the same code and
+hosts decide how the trainable tensors enter the forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import SettingsError, VP2PError
+
+log = logging.getLogger("VideoP2P")
+
+# x_σ [F, C, h, w], σ [F], cond [F, T, D] -> x0 prediction [F, C, h, w]
+Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+TRAINABLE_UNET_SUFFIXES = (".attn1.to_q.weight", ".attn2.to_q.weight")
+
+
+class TrainingDivergedError(VP2PError):
+    """The loss became NaN or infinite."""
+
+
+class TuningInterrupted(Exception):
+    """Raised by a ``should_stop`` callback to end tuning early (nothing is kept)."""
+
+
+def is_trainable_unet_weight(name: str) -> bool:
+    """Whether a UNet parameter (either host's naming) is in the reference's trainable set."""
+    return ".transformer_blocks." in f".{name}" and name.endswith(TRAINABLE_UNET_SUFFIXES)
+
+
+def trainable_unet_names(names: Iterable[str]) -> list[str]:
+    return sorted(n for n in names if is_trainable_unet_weight(n))
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    steps: int = 500
+    learning_rate: float = 3e-5
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise SettingsError(f"steps must be ≥ 0, got {self.steps}.")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise SettingsError(f"learning_rate must be a positive number, got {self.learning_rate}.")
+
+
+def training_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """σ of every training timestep: [T] float32."""
+    ac = alphas_cumprod.double()
+    return ((1 - ac) / ac).sqrt().float()
+
+
+def prediction_and_target(x: torch.Tensor, denoised: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+                          sigma: torch.Tensor, prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's training target and its prediction, recovered from the denoised output.
+
+    σ-space: x = x0 + σ·ε, so ε̂ = (x − x̂0)/σ. For v-models (α = 1/√(1+σ²), s = σ·α):
+    v = α·ε − s·x0 and v̂ = α·ε̂ − s·x̂0.
+    """
+    s = sigma.view(-1, *([1] * (x.dim() - 1)))
+    eps_hat = (x - denoised) / s
+    if prediction == "v":
+        a = torch.rsqrt(1 + s**2)
+        return a * eps_hat - s * a * denoised, a * noise - s * a * x0
+    if prediction != "eps":
+        raise SettingsError(f"prediction must be 'eps' or 'v', got {prediction!r}.")
+    return eps_hat, noise
+
+
+def tune(denoise: Denoise, latents: torch.Tensor, cond: torch.Tensor, params: Sequence[torch.Tensor],
+         alphas_cumprod: torch.Tensor, settings: TuneSettings, prediction: str = "eps",
+         on_step: Optional[Callable[[int, float], None]] = None,
+         should_stop: Optional[Callable[[], None]] = None) -> list[float]:
+    """Optimise ``params`` in place; returns the loss of every step.
+
+    latents: [F, C, h, w] (model latent space); cond: [F, T, D] (or [1, T, D]).
+    ``should_stop`` may raise (e.g. ``TuningInterrupted``) between and inside steps.
+    Raises ``TrainingDivergedError`` on a non-finite loss.
+    """
+    if not params:
+        raise SettingsError("Nothing to tune: no trainable tensors were given.")
+    frames = latents.shape[0]
+    if cond.shape[0] == 1 and frames > 1:
+        cond = cond.expand(frames, -1, -1)
+    sigmas = training_sigmas(alphas_cumprod)
+    gen = torch.Generator().manual_seed(settings.seed)  # CPU draws: identical on every device
+    opt = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    x0 = latents.detach().float()
+    losses: list[float] = []
+    for step in range(settings.steps):
+        if should_stop is not None:
+            should_stop()
+        t = int(torch.randint(0, sigmas.shape[0], (1,), generator=gen))
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+        sigma = sigmas[t].to(x0.device).expand(frames)
+        x = x0 + sigma.view(-1, 1, 1, 1) * noise
+        denoised = denoise(x, sigma, cond).float()
+        pred, target = prediction_and_target(x, denoised, x0, noise, sigma, prediction)
+        loss = F.mse_loss(pred, target)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingDivergedError(
+                f"The tuning loss became {value} at step {step + 1}/{settings.steps} (timestep {t}). Nothing was saved. "
+                f"Lower the learning rate (given {settings.learning_rate:g}) or tune in full precision."
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        opt.step()
+        losses.append(value)
+        if on_step is not None:
+            on_step(step, value)
+    return losses
