@@ -105,7 +105,8 @@ class _TemporalHooks:
             return
         bank = self.patch.temporal
         if bank is not None and bank.device != torch.device(patcher.load_device):
-            bank.to(patcher.load_device)  # the bank belongs to this inflation, not to the base model
+            with torch.inference_mode(False):  # keep ordinary (trainable) tensors
+                bank.to(patcher.load_device)  # the bank belongs to this inflation, not to the base model
         dm = patcher.model.diffusion_model
         for key, path in self.blocks.items():
             self.handles.append(dm.get_submodule(path).register_forward_hook(self._hook(key), with_kwargs=True))
@@ -124,18 +125,29 @@ def inflate(model: Any, settings: T2SSettings, seed: int = 0) -> Any:
     """
     blocks = transformer_blocks(model)
     previous_state = get_state(model)
-    clone = model.clone()
-
     bank: Optional[TemporalBank] = None
     if settings.temporal_attention:
         if previous_state is not None and previous_state.bank is not None:
             bank = previous_state.bank
         else:
-            bank = TemporalBank(block_shapes(model, blocks), seed=seed)
+            # ComfyUI executes nodes under inference_mode; the bank must hold ordinary
+            # tensors so that it can be trained and versioned later.
+            with torch.inference_mode(False):
+                bank = TemporalBank(block_shapes(model, blocks), seed=seed)
     if previous_state is not None:
         log.info("Inflate to T2S: the MODEL was already inflated (%s); replacing with %s.",
                  previous_state.settings.describe(), settings.describe())
+    clone = install(model.clone(), settings, bank, blocks)
+    log.info("Inflate to T2S: %s on %d transformer blocks of %s.", settings.describe(), len(blocks), model_name(model))
+    return clone
 
+
+def install(clone: Any, settings: T2SSettings, bank: Optional[TemporalBank], blocks: dict[LayerKey, str]) -> Any:
+    """Register the pack's patch (and temporal hooks for ``bank``) on ``clone`` in place.
+
+    ``clone`` must be a fresh clone the caller owns. Replace functions other nodes put on a
+    key are chained; the pack's own earlier patch is replaced, never stacked.
+    """
     replaces = clone.model_options.get("transformer_options", {}).get("patches_replace", {})
     chained: dict[tuple[str, LayerKey], Any] = {}
     for kind in ("attn1", "attn2"):
@@ -160,5 +172,4 @@ def inflate(model: Any, settings: T2SSettings, seed: int = 0) -> Any:
         hooks = _TemporalHooks(patch, blocks)
         clone.set_injections(TEMPORAL_INJECTION_KEY, [comfy.patcher_extension.PatcherInjection(hooks.inject, hooks.eject)])
     clone.set_attachments(STATE_KEY, T2SState(settings, patch, blocks))
-    log.info("Inflate to T2S: %s on %d transformer blocks of %s.", settings.describe(), len(blocks), model_name(model))
     return clone

@@ -5,8 +5,9 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .t2s_nodes import InflateT2S
+from .tune_nodes import TuneOnVideo
 
 
 class VideoP2PExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [InflateT2S]
+        return [InflateT2S, TuneOnVideo]

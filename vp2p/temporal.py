@@ -66,6 +66,8 @@ class TemporalAttention(nn.Module):
         """Whether the output projection is exactly zero (an untuned layer), so the layer is
         the identity. Cached per tensor version: no device sync on every call."""
         w, b = self.to_out.weight, self.to_out.bias
+        if w.is_inference() or b.is_inference():  # no version counter: check directly
+            return not bool(w.any()) and not bool(b.any())
         stamp = (w.data_ptr(), w._version, b.data_ptr(), b._version)
         if self._zero_cache[0] != stamp:
             self._zero_cache = (stamp, not bool(w.detach().any()) and not bool(b.detach().any()))

@@ -23,7 +23,8 @@ def node(pack, name):
 
 
 def inflate(pack, model, frame_attention="first_frame", temporal=True):
-    return node(pack, "VP2P_InflateT2S").execute(model=model, frame_attention=frame_attention, temporal_attention=temporal).result[0]
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        return node(pack, "VP2P_InflateT2S").execute(model=model, frame_attention=frame_attention, temporal_attention=temporal).result[0]
 
 
 def test_pack_loads_through_comfy_loader_with_tooltips(pack):

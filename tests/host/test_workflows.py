@@ -1,0 +1,227 @@
+"""The example workflows, run end to end on a real ComfyUI server with a random-weight SD1.5 checkpoint.
+
+Each ``example_workflows/*.json`` (UI format, as the frontend saves it) must load without missing
+nodes, convert to an API prompt, and execute to written output files. The prompt is shrunk for the
+CPU by node type (64×64, 4 frames, 2 steps); the JSON files are never changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from tests.host.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, write_random_sd15_checkpoint
+from tests.host.server import ComfyClient, comfy_server
+from tests.host.workflow_api import WorkflowConversionError, missing_node_types, ui_to_api
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
+CKPT_NAME = "vp2p_random_sd15.safetensors"
+FRAMES = 4
+RUN_TIMEOUT_S = 240.0
+
+# Literal inputs overridden by node type so a workflow runs in seconds on a CPU.
+SHRINK: dict[str, dict[str, int]] = {
+    "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": FRAMES},
+    "KSampler": {"steps": 2},
+}
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def random_checkpoint(comfy_path, tmp_path_factory) -> Iterator[Path]:
+    """A random-weight SD1.5 checkpoint in a folder of its own (the server's checkpoints folder)."""
+    path = write_random_sd15_checkpoint(tmp_path_factory.mktemp("checkpoints") / CKPT_NAME, seed=0, levels=2)
+    yield path
+    # ~640 MB, and pytest keeps the last few session folders: do not let them pile up.
+    path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def comfy_client(comfy_path, random_checkpoint: Path, tmp_path_factory) -> Iterator[ComfyClient]:
+    """A running ComfyUI server with the pack loaded and the random checkpoint available."""
+    output_dir = tmp_path_factory.mktemp("comfy_output")
+    with comfy_server(comfy_path, ROOT, random_checkpoint.parent, output_dir) as client:
+        yield client
+
+
+# -- the checkpoint ---------------------------------------------------------------------------------
+
+def test_random_checkpoint_loads_as_sd15(random_checkpoint, caplog):
+    """ComfyUI's own loader detects the file as SD15, finds every weight, and CLIP/VAE give real outputs."""
+    import comfy.sd
+    import nodes
+    from safetensors import safe_open
+
+    with safe_open(str(random_checkpoint), "pt") as f:
+        keys = set(f.keys())
+    with caplog.at_level(logging.WARNING):
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(random_checkpoint))
+    assert type(model.model.model_config).__name__ == "SD15"
+    # The loader's own warnings (comfy/model_base.py load_model_weights, comfy/sd.py VAE and CLIP).
+    warned = [r.getMessage() for r in caplog.records
+              if r.getMessage().lower().startswith(("unet missing", "unet unexpected", "missing vae keys", "clip missing"))]
+    assert not warned, f"ComfyUI reported missing weights: {warned}"
+
+    # Belt and braces: every parameter/buffer the built models hold must come from the file.
+    def absent(module_keys, prefix: str, allowed: tuple = ()) -> list[str]:
+        return sorted(k for k in module_keys if prefix + k not in keys and k not in allowed)
+
+    assert not absent(model.model.diffusion_model.state_dict(), UNET_PREFIX)
+    assert not absent(vae.first_stage_model.state_dict(), VAE_PREFIX)
+    clip_keys = [k.removeprefix("clip_l.transformer.") for k in clip.cond_stage_model.state_dict()]
+    # SD1.x checkpoints never carry these two; ComfyUI does not use them for SD1 conditioning.
+    assert not absent(clip_keys, CLIP_PREFIX, allowed=("text_projection.weight", "clip_l.logit_scale"))
+
+    (cond,) = nodes.CLIPTextEncode().encode(clip, "a red car")
+    a = cond[0][0]
+    (cond_b,) = nodes.CLIPTextEncode().encode(clip, "a blue boat at night")
+    b = cond_b[0][0]
+    assert a.shape == (1, 77, 768)
+    assert torch.isfinite(a).all() and a.std() > 1e-3
+    assert not torch.allclose(a, b), "different prompts give the same conditioning"
+
+    latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    (images,) = nodes.VAEDecode().decode(vae, {"samples": latent})
+    assert images.shape == (2, 64, 64, 3)
+    assert torch.isfinite(images).all() and images.std() > 1e-3
+    assert not torch.allclose(images[0], images[1]), "different latents decode to the same image"
+
+
+# -- UI → API conversion ----------------------------------------------------------------------------
+
+FAKE_INFO = {
+    "Loader": {"input": {"required": {"name": [["a.ckpt", "b.ckpt"], {}]}}, "input_order": {"required": ["name"]}},
+    "Sampler": {
+        "input": {"required": {"model": ["MODEL", {}], "seed": ["INT", {"control_after_generate": True}],
+                               "steps": ["INT", {}], "mode": ["COMBO", {"options": ["x", "y"]}]},
+                  "optional": {"note": ["STRING", {}], "extra": ["LATENT", {}]},
+                  "hidden": {"prompt": ["PROMPT"]}},
+        "input_order": {"required": ["model", "seed", "steps", "mode"], "optional": ["note", "extra"]},
+    },
+    "Patch": {"input": {"required": {"model": ["MODEL", {}], "strength": ["FLOAT", {}]}},
+              "input_order": {"required": ["model", "strength"]}},
+    "Loadimg": {"input": {"required": {"image": [["i.png"], {"image_upload": True}]}}},
+}
+
+
+def _node(nid: int, ntype: str, inputs: tuple = (), outputs: tuple = (), widgets: tuple | list = (), mode: int = 0) -> dict:
+    """A UI-format node as the frontend saves it."""
+    return {"id": nid, "type": ntype, "mode": mode, "inputs": [dict(i) for i in inputs],
+            "outputs": [dict(o) for o in outputs], "widgets_values": list(widgets)}
+
+
+def test_ui_to_api_widgets_links_reroute_primitive_note():
+    wf = {
+        "nodes": [
+            _node(1, "Loader", outputs=[{"name": "MODEL", "type": "MODEL", "links": [1]}], widgets=["b.ckpt"]),
+            _node(2, "Reroute", inputs=[{"name": "", "type": "*", "link": 1}], outputs=[{"type": "MODEL", "links": [2]}]),
+            _node(3, "PrimitiveNode", outputs=[{"type": "INT", "links": [3], "widget": {"name": "steps"}}],
+                  widgets=[7, "fixed"]),
+            _node(4, "Sampler", inputs=[{"name": "model", "type": "MODEL", "link": 2},
+                                        {"name": "steps", "type": "INT", "link": 3, "widget": {"name": "steps"}},
+                                        {"name": "seed", "type": "INT", "link": None, "widget": {"name": "seed"}}],
+                  widgets=[123, "randomize", 30, "y", "hello"]),
+            _node(5, "MarkdownNote", widgets=["# notes"]),
+        ],
+        "links": [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 4, 0, "MODEL"], {"id": 3, "origin_id": 3, "origin_slot": 0,
+                                                                      "target_id": 4, "target_slot": 1, "type": "INT"}],
+    }
+    assert missing_node_types(wf, FAKE_INFO) == []
+    api = ui_to_api(wf, FAKE_INFO)
+    assert set(api) == {"1", "4"}
+    assert api["1"]["inputs"] == {"name": "b.ckpt"}
+    # The control value after the seed is skipped; the primitive's value replaces the converted widget's.
+    assert api["4"]["inputs"] == {"model": ["1", 0], "seed": 123, "steps": 7, "mode": "y", "note": "hello"}
+    assert api["4"]["class_type"] == "Sampler"
+
+
+def test_ui_to_api_bypass_mute_and_errors():
+    def wf(patch_mode: int) -> dict:
+        return {"nodes": [
+            _node(1, "Loader", outputs=[{"name": "MODEL", "type": "MODEL", "links": [1]}], widgets=["a.ckpt"]),
+            _node(2, "Patch", inputs=[{"name": "model", "type": "MODEL", "link": 1}],
+                  outputs=[{"name": "MODEL", "type": "MODEL", "links": [2]}], widgets=[0.5], mode=patch_mode),
+            _node(3, "Sampler", inputs=[{"name": "model", "type": "MODEL", "link": 2}], widgets=[1, "fixed", 2, "x", ""]),
+        ], "links": [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 3, 0, "MODEL"]]}
+
+    assert ui_to_api(wf(0), FAKE_INFO)["3"]["inputs"]["model"] == ["2", 0]
+    bypassed = ui_to_api(wf(4), FAKE_INFO)
+    assert "2" not in bypassed and bypassed["3"]["inputs"]["model"] == ["1", 0]
+    muted = ui_to_api(wf(2), FAKE_INFO)
+    assert "2" not in muted and "model" not in muted["3"]["inputs"]
+
+    bad = wf(0)
+    bad["nodes"][2]["widgets_values"] = [1, 2, "x"]  # the control value is missing
+    with pytest.raises(WorkflowConversionError, match="widgets_values"):
+        ui_to_api(bad, FAKE_INFO)
+    unknown = wf(0)
+    unknown["nodes"].append(_node(9, "NoSuchNode"))
+    assert missing_node_types(unknown, FAKE_INFO) == ["NoSuchNode"]
+    with pytest.raises(WorkflowConversionError, match="NoSuchNode"):
+        ui_to_api(unknown, FAKE_INFO)
+
+
+def test_ui_to_api_upload_widget_value_is_optional():
+    for widgets in (["i.png", "image"], ["i.png"]):
+        api = ui_to_api({"nodes": [_node(1, "Loadimg", widgets=widgets)], "links": []}, FAKE_INFO)
+        assert api["1"]["inputs"] == {"image": "i.png"}
+
+
+# -- the example workflows --------------------------------------------------------------------------
+
+def test_example_workflows_exist():
+    assert WORKFLOWS, "no example_workflows/*.json"
+
+
+def shrink_for_cpu(prompt: dict, ckpt_name: str) -> dict:
+    """A copy of ``prompt`` sized for a CPU and pointed at the random checkpoint (by node type)."""
+    prompt = json.loads(json.dumps(prompt))
+    for node in prompt.values():
+        inputs = node["inputs"]
+        for name, value in SHRINK.get(node["class_type"], {}).items():
+            if name in inputs and not isinstance(inputs[name], list):  # leave linked inputs alone
+                inputs[name] = value
+        if node["class_type"] == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = ckpt_name
+    return prompt
+
+
+def _frames(path: Path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return getattr(im, "n_frames", 1)
+
+
+@pytest.mark.parametrize("workflow_path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_example_workflow_runs(workflow_path: Path, comfy_client: ComfyClient):
+    workflow = json.loads(workflow_path.read_text(encoding="utf-8"))
+    object_info = comfy_client.object_info()
+    assert "VP2P_InflateT2S" in object_info, "the server did not load the pack:\n" + comfy_client.log_tail()
+    assert missing_node_types(workflow, object_info) == [], "the frontend would report missing nodes"
+
+    prompt = shrink_for_cpu(ui_to_api(workflow, object_info), CKPT_NAME)
+    assert prompt, "the workflow has no executable nodes"
+    entry = comfy_client.run(prompt, timeout=RUN_TIMEOUT_S)
+    assert entry["status"]["status_str"] == "success" and entry["status"]["completed"]
+
+    batch = {n["inputs"].get("batch_size") for n in prompt.values() if n["class_type"] == "EmptyLatentImage"}
+    written = []
+    for node_id, out in entry["outputs"].items():
+        animated = any(out.get("animated") or [])
+        for item in out.get("images", []) + out.get("gifs", []) + out.get("videos", []):
+            if item.get("type") != "output":
+                continue  # previews go to the temp folder
+            path = comfy_client.output_dir / item.get("subfolder", "") / item["filename"]
+            assert path.is_file() and path.stat().st_size > 0, f"node {node_id} did not write {path}"
+            if animated and len(batch) == 1:
+                assert _frames(path) == next(iter(batch)), f"{path.name}: frame count differs from the latent batch"
+            written.append(path)
+    assert written, f"the workflow wrote no output files; outputs: {entry['outputs']}"
