@@ -66,7 +66,7 @@ def compare(unet, x, t, ctx, device, repeats: int, label: str) -> None:
         times["plain"] += timed(plain, device, 1)
         for k, h in hosts.items():
             with h:
-                times[k] += timed(lambda: h(x, t, ctx, cond_or_uncond=[1, 0]), device, 1)
+                times[k] += timed(lambda h=h: h(x, t, ctx, cond_or_uncond=[1, 0]), device, 1)
     base = statistics.median(times["plain"])
     print(f"\n{label}: median of {repeats} (ms), ratio to plain")
     for k, v in times.items():

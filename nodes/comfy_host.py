@@ -17,10 +17,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import torch
-
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension
+import torch
 
 from ..vp2p import AttentionPatch, LayerKey, T2SSettings, TemporalBank, UnsupportedModelError, is_vp2p_patch
 from ..vp2p.keys import comfy_transformer_keys
@@ -98,6 +97,7 @@ class _TemporalHooks:
             if options is None and len(args) > 2:
                 options = args[2]
             return self.patch.temporal_block(key, output, options or {})
+        hook._vp2p_temporal = True  # type: ignore[attr-defined]
         return hook
 
     def inject(self, patcher: Any) -> None:
@@ -109,12 +109,22 @@ class _TemporalHooks:
                 bank.to(patcher.load_device)  # the bank belongs to this inflation, not to the base model
         dm = patcher.model.diffusion_model
         for key, path in self.blocks.items():
-            self.handles.append(dm.get_submodule(path).register_forward_hook(self._hook(key), with_kwargs=True))
+            module = dm.get_submodule(path)
+            # At most one temporal layer per block: drop a pack hook another patcher left behind.
+            for hook_id, fn in list(module._forward_hooks.items()):
+                if getattr(fn, "_vp2p_temporal", False):
+                    module._forward_hooks.pop(hook_id, None)
+                    module._forward_hooks_with_kwargs.pop(hook_id, None)
+            self.handles.append(module.register_forward_hook(self._hook(key), with_kwargs=True))
 
     def eject(self, patcher: Any) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+def _fresh_clone(parent: Any, clone: Any) -> None:
+    clone.is_injected = False
 
 
 def inflate(model: Any, settings: T2SSettings, seed: int = 0) -> Any:
@@ -167,6 +177,11 @@ def install(clone: Any, settings: T2SSettings, bank: Optional[TemporalBank], blo
         clone.set_model_attn1_replace(patch.attn1, key.block, key.id, key.index)
         clone.set_model_attn2_replace(patch.attn2, key.block, key.id, key.index)
 
+    # ModelPatcher.clone() copies is_injected: a clone of a loaded (injected) parent would think
+    # its own injections are in place and never inject them. ComfyUI detaches the parent before
+    # loading a clone, so a clone must start un-injected; the callback keeps that for descendants.
+    clone.is_injected = False
+    clone.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLONE, TEMPORAL_INJECTION_KEY, _fresh_clone)
     clone.remove_injections(TEMPORAL_INJECTION_KEY)
     if bank is not None:
         hooks = _TemporalHooks(patch, blocks)

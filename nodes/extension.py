@@ -5,9 +5,14 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .t2s_nodes import InflateT2S
-from .tune_nodes import TuneOnVideo
+from .tune_nodes import LoadTunedT2S, TuneOnVideo
 
 
 class VideoP2PExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        from .storage import register_folders
+
+        register_folders()
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [InflateT2S, TuneOnVideo]
+        return [InflateT2S, TuneOnVideo, LoadTunedT2S]

@@ -16,19 +16,18 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any, Callable, Optional
 
+import comfy.model_management
+import comfy.patcher_extension
 import torch
 import torch.utils.checkpoint
 
-import comfy.model_management
-import comfy.patcher_extension
-
 from ..vp2p import LayerKey, SettingsError, VP2PError
+from ..vp2p.tuned_file import TunedWeights
 from ..vp2p.tuning import TuneSettings, tune
-from .comfy_host import get_state, install
+from .comfy_host import T2SState, get_state, install
 
 log = logging.getLogger("VideoP2P")
 
@@ -98,21 +97,17 @@ def conditioning_tensor(positive: list, frames: int) -> torch.Tensor:
     return cond
 
 
-def tune_model(model: Any, positive: list, latents: torch.Tensor, settings: TuneSettings,
-               progress: Optional[Callable[[int, int, float], None]] = None) -> tuple[Any, list[float]]:
-    """Tune an inflated MODEL on a video; returns (tuned clone, losses). ``model`` is not changed."""
-    state = get_state(model)
-    if state is None:
-        raise NotInflatedError(
-            "Tune on Video needs a T2S model: the MODEL was not inflated. Put an 'Inflate to T2S' node between the "
-            "checkpoint loader and Tune on Video."
-        )
+def tune_weights(model: Any, positive: list, latents: torch.Tensor, settings: TuneSettings,
+                 progress: Optional[Callable[[int, int, float], None]] = None) -> tuple[Optional[TunedWeights], list[float]]:
+    """Tune an inflated MODEL on a video; returns (tuned tensors, losses), or (None, []) for 0 steps.
+    ``model`` is not changed."""
+    state = require_state(model)
     frames = latents.shape[0]
     if frames == 1:
         log.warning("Tune on Video: a 1-frame video; temporal attention layers learn nothing from it.")
     cond_in = conditioning_tensor(positive, frames)
     if settings.steps == 0:
-        return model, []
+        return None, []
 
     device = model.load_device
     dm = model.get_model_object("diffusion_model")
@@ -123,10 +118,7 @@ def tune_model(model: Any, positive: list, latents: torch.Tensor, settings: Tune
         mp.set_model_compute_dtype(torch.bfloat16)
 
     deltas: dict[tuple[str, LayerKey], torch.Tensor] = {}
-    to_q_keys: dict[str, tuple[str, LayerKey]] = {}
-    for key, path in state.blocks.items():
-        for kind in ("attn1", "attn2"):
-            to_q_keys[f"diffusion_model.{path}.{kind}.to_q.weight"] = (kind, key)
+    to_q_keys = to_q_weight_keys(state.blocks)
     spatial_paths = sorted({p.rsplit(".transformer_blocks.", 1)[0] for p in state.blocks.values()})
     mp.set_injections(CHECKPOINT_INJECTION_KEY, [comfy.patcher_extension.PatcherInjection(*_injection(spatial_paths))])
 
@@ -171,14 +163,58 @@ def tune_model(model: Any, positive: list, latents: torch.Tensor, settings: Tune
             comfy.model_management.in_training = training_flag
             for d in params:
                 d.requires_grad_(False)
+    temporal = {k: v.detach().clone() for k, v in bank.state_dict().items()} if bank is not None else {}
+    weights = TunedWeights(state.settings, {k: d.detach() for k, d in deltas.items()}, temporal)
+    return weights, losses
 
+
+def apply_tuned(model: Any, weights: TunedWeights) -> Any:
+    """A clone of the inflated ``model`` carrying tuned weights: ``to_q`` diffs as patches and a
+    tuned copy of the temporal bank. ``model`` is not changed."""
+    state = require_state(model)
+    dm = model.get_model_object("diffusion_model")
+    bank = None
+    if state.bank is not None:
+        with torch.inference_mode(False):
+            bank = state.bank.copy()
+            if weights.temporal:
+                bank.load_state_dict({k: v.to(bank.device) for k, v in weights.temporal.items()})
     result = install(model.clone(), state.settings, bank, state.blocks)
-    weights = {}
-    for wkey, ident in to_q_keys.items():
+    patches = {}
+    for wkey, ident in to_q_weight_keys(state.blocks).items():
         base = dm.get_submodule(wkey[len("diffusion_model."):-len(".weight")]).weight
-        weights[wkey] = (deltas[ident].detach().to(base.dtype),)
-    result.add_patches(weights, 1.0)
-    return result, losses
+        patches[wkey] = (weights.deltas[ident].to(base.device, base.dtype),)
+    result.add_patches(patches, 1.0)
+    return result
+
+
+def require_state(model: Any) -> T2SState:
+    state = get_state(model)
+    if state is None:
+        raise NotInflatedError(
+            "This node needs a T2S model: the MODEL was not inflated. Put an 'Inflate to T2S' node between the "
+            "checkpoint loader and this node."
+        )
+    return state
+
+
+def to_q_weight_keys(blocks: dict[LayerKey, str]) -> dict[str, tuple[str, LayerKey]]:
+    """ComfyUI weight key of every trainable ``to_q`` -> (kind, layer key)."""
+    return {f"diffusion_model.{path}.{kind}.to_q.weight": (kind, key) for key, path in blocks.items() for kind in ("attn1", "attn2")}
+
+
+def model_fingerprint(model: Any) -> str:
+    """Fingerprint of what a MODEL computes: its effective UNet weights (base + its patches,
+    e.g. LoRAs and earlier tuning, as loaded for this MODEL) and its temporal layers."""
+    from ..vp2p.fingerprint import fingerprint
+
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    tensors = list(model.model.diffusion_model.state_dict().items())
+    state = get_state(model)
+    if state is not None and state.bank is not None:
+        tensors += [(f"vp2p_temporal.{k}", v) for k, v in state.bank.state_dict().items()]
+    settings = {"t2s": state.settings.describe() if state else None}
+    return fingerprint(tensors, settings)
 
 
 def _injection(paths: list[str]) -> tuple[Callable, Callable]:

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..vp2p import SettingsError
 from ..vp2p.tuning import TuneSettings
-from .tune_host import tune_model
+from .tune_host import tune_weights
 
 log = logging.getLogger("VideoP2P")
 
@@ -37,13 +37,20 @@ class TuneOnVideo(io.ComfyNode):
                                tooltip="AdamW learning rate (weight decay 1e-2, gradient clipping 1.0)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the timesteps and noise; the same seed gives the same tuned model."),
+                io.String.Input("save_name", default="", optional=True,
+                                tooltip="Also save the tuned weights as models/vp2p/<save_name>.safetensors (load them with "
+                                        "'Load Tuned T2S'). Empty: do not save."),
+                io.Boolean.Input("use_cache", default=True, optional=True,
+                                 tooltip="Reuse an earlier result for the same model, video, prompt and settings from "
+                                         "models/vp2p/cache instead of training again (a hit costs a file read)."),
             ],
             outputs=[io.Model.Output(tooltip="The tuned T2S MODEL.")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, positive, latent, steps: int, learning_rate: float, seed: int) -> io.NodeOutput:
+    def execute(cls, model, positive, latent, steps: int, learning_rate: float, seed: int, save_name: str = "",
+                use_cache: bool = True) -> io.NodeOutput:
         import comfy.utils
 
         samples = latent.get("samples") if isinstance(latent, dict) else None
@@ -60,11 +67,47 @@ class TuneOnVideo(io.ComfyNode):
                 log.info("Tune on Video: step %d/%d, loss %.5f", step, total, loss)
                 _progress_text(f"step {step}/{total} · loss {loss:.5f}", node_id)
 
-        tuned, losses = tune_model(model, positive, samples, settings, progress)
-        if losses:
-            log.info("Tune on Video: done, loss %.5f → %.5f (mean of first/last 10 steps)",
-                     sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:]))
+        tuned = tune_cached(model, positive, samples, settings, progress, save_name=save_name or "", use_cache=use_cache)
         return io.NodeOutput(tuned)
+
+
+def tune_cached(model, positive, samples, settings: TuneSettings, progress, save_name: str = "", use_cache: bool = True):
+    """Tune (or load the content-addressed result of an identical earlier tuning), apply, save."""
+    from ..vp2p.fingerprint import fingerprint
+    from ..vp2p.tuned_file import TunedFileError, load_tuned, save_tuned
+    from .storage import cache_dir, named_path
+    from .tune_host import apply_tuned, conditioning_tensor, model_fingerprint, require_state
+
+    state = require_state(model)
+    if settings.steps == 0:
+        return model
+    target = named_path(save_name) if save_name.strip() else None  # validate before hours of training
+    cond = conditioning_tensor(positive, samples.shape[0])
+    base = model_fingerprint(model)
+    key = fingerprint([("latents", samples), ("cond", cond)],
+                      {"base": base, "t2s": state.settings.describe(), "tune": repr(settings), "format": "vp2p-tuned/1"})
+    cached = cache_dir() / f"tune_{key[:40]}.safetensors"
+    weights = None
+    if use_cache and cached.is_file():
+        try:
+            weights = load_tuned(cached)
+            log.info("Tune on Video: cache hit %s (no training).", cached.name)
+        except TunedFileError as e:
+            log.warning("Tune on Video: ignoring a damaged cache file (%s); tuning again.", e)
+    if weights is None:
+        weights, losses = tune_weights(model, positive, samples, settings, progress)
+        log.info("Tune on Video: done, loss %.5f → %.5f (mean of first/last 10 steps)",
+                 sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:]))
+        weights.metadata.update(base_fingerprint=base, frames=str(samples.shape[0]), latent_shape=str(list(samples.shape)),
+                                conditioning_fingerprint=fingerprint([("cond", cond)]), steps=str(settings.steps),
+                                learning_rate=repr(settings.learning_rate), seed=str(settings.seed),
+                                final_loss=f"{sum(losses[-10:]) / len(losses[-10:]):.6g}")
+        if use_cache:
+            save_tuned(cached, weights)
+    if target is not None:
+        save_tuned(target, weights)
+        log.info("Tune on Video: saved %s", target)
+    return apply_tuned(model, weights)
 
 
 def _progress_text(text: str, node_id) -> None:
@@ -75,3 +118,35 @@ def _progress_text(text: str, node_id) -> None:
             PromptServer.instance.send_progress_text(text, node_id)
     except Exception:  # no server (scripts/tests): the log line is enough
         pass
+
+
+class LoadTunedT2S(io.ComfyNode):
+    """Re-apply tuned weights saved by Tune on Video onto the same inflated model."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from .storage import tuned_names
+
+        return io.Schema(
+            node_id="VP2P_LoadTuned",
+            display_name="Load Tuned T2S",
+            category="video_p2p/model",
+            description="Applies a tuned-weights file from models/vp2p onto an inflated MODEL (the same checkpoint, LoRAs and "
+                        "Inflate to T2S settings it was tuned with; anything else is refused).",
+            inputs=[
+                io.Model.Input("model", tooltip="The inflated MODEL the file was tuned from (same checkpoint and settings)."),
+                io.Combo.Input("tuned_name", options=tuned_names(), tooltip="A file saved by Tune on Video (models/vp2p)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The tuned T2S MODEL.")],
+        )
+
+    @classmethod
+    def execute(cls, model, tuned_name: str) -> io.NodeOutput:
+        from ..vp2p.tuned_file import check_compatible, load_tuned
+        from .storage import resolve
+        from .tune_host import apply_tuned, model_fingerprint, require_state
+
+        state = require_state(model)
+        weights = load_tuned(resolve(tuned_name))
+        check_compatible(weights, state.settings, model_fingerprint(model), set(state.blocks), tuned_name)
+        return io.NodeOutput(apply_tuned(model, weights))

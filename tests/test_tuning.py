@@ -110,3 +110,33 @@ def test_v_prediction_target_is_consistent():
     for pred in ("eps", "v"):
         p, t = prediction_and_target(x, x0, x0, noise, sigma, pred)  # perfect denoiser
         torch.testing.assert_close(p, t, atol=1e-5, rtol=1e-5)
+
+
+def test_fingerprint_sees_every_byte_and_memoises_by_version():
+    from vp2p.fingerprint import fingerprint
+
+    w = torch.randn(64, 64)
+    a = fingerprint([("w", w)], {"s": 1})
+    assert a == fingerprint([("w", w.clone())], {"s": 1})
+    assert a != fingerprint([("w", w)], {"s": 2})
+    w[17, 3] += 1e-6  # in place: a new version must be re-hashed
+    assert fingerprint([("w", w)], {"s": 1}) != a
+
+
+def test_tuned_file_round_trip_and_damage(tmp_path):
+    from vp2p import LayerKey
+    from vp2p.tuned_file import TunedFileError, TunedWeights, load_tuned, save_tuned
+
+    key = LayerKey("middle", 0, 0)
+    w = TunedWeights(T2SSettings(FrameMode.SPARSE_CAUSAL, True), {("attn1", key): torch.randn(4, 4), ("attn2", key): torch.randn(4, 4)},
+                     {"layers.middle_0_0.to_out.weight": torch.randn(4, 4)}, {"steps": "3"})
+    path = save_tuned(tmp_path / "t.safetensors", w)
+    back = load_tuned(path)
+    assert back.settings == w.settings and back.metadata["steps"] == "3"
+    for k in w.deltas:
+        assert torch.equal(back.deltas[k], w.deltas[k])
+    assert torch.equal(back.temporal["layers.middle_0_0.to_out.weight"], w.temporal["layers.middle_0_0.to_out.weight"])
+    assert not list(tmp_path.glob(".tmp_*"))  # atomic write leaves no temporary file
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(TunedFileError, match="truncated"):
+        load_tuned(path)

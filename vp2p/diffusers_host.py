@@ -14,7 +14,7 @@ UNet's processors and removes the hooks.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,6 @@ from .errors import RegistrationError, UnsupportedModelError
 from .keys import LayerKey, diffusers_transformer_keys
 from .patch import AttentionPatch, T2SSettings
 from .temporal import BlockShape, TemporalBank
-
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .tuning import TuneSettings

@@ -45,7 +45,10 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype) -
     from transformers import CLIPTextModel, CLIPTokenizer
 
     if not (model_dir / "unet").is_dir():
-        raise SettingsError(f"{model_dir} is not a diffusers-format model folder (no unet/ inside). Give the folder that holds unet/, vae/, text_encoder/, tokenizer/.")
+        raise SettingsError(
+            f"{model_dir} is not a diffusers-format model folder (no unet/ inside). "
+            "Give the folder that holds unet/, vae/, text_encoder/, tokenizer/."
+        )
     kw = dict(local_files_only=True)
     unet = UNet2DConditionModel.from_pretrained(str(model_dir), subfolder="unet", **kw).to(device, dtype).eval()
     vae = AutoencoderKL.from_pretrained(str(model_dir), subfolder="vae", **kw).to(device, dtype).eval()

@@ -65,7 +65,10 @@ class Schedule:
         diffs = (self.sigmas[:-1].double() - s).abs()
         i = int(torch.argmin(diffs))
         if diffs[i] > rtol * max(abs(s), 1e-8):
-            raise SettingsError(f"sigma={s:.6g} is not a step of this schedule ({self.steps} steps, σ from {float(self.sigmas[0]):.4g} to {float(self.sigmas[-2]):.4g}).")
+            raise SettingsError(
+                f"sigma={s:.6g} is not a step of this schedule "
+                f"({self.steps} steps, σ from {float(self.sigmas[0]):.4g} to {float(self.sigmas[-2]):.4g})."
+            )
         return i
 
 

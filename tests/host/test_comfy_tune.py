@@ -32,9 +32,16 @@ def inflated(pack, model):
 def run_tune(pack, model, steps=3, seed=0, lr=1e-4, progress=None):
     latents, cond = video()
     settings = pack.vp2p.tuning.TuneSettings(steps=steps, learning_rate=lr, seed=seed)
-    tune_host = __import__(pack.__name__ + ".nodes.tune_host", fromlist=["tune_model"])
+    tune_host = host_module(pack, "tune_host")
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
-        return tune_host.tune_model(model, [[cond, {}]], latents, settings, progress)
+        weights, losses = tune_host.tune_weights(model, [[cond, {}]], latents, settings, progress)
+        return (tune_host.apply_tuned(model, weights) if weights is not None else model), losses
+
+
+def host_module(pack, name):
+    import importlib
+
+    return importlib.import_module(f"{pack.__name__}.nodes.{name}")
 
 
 def test_tuning_patches_only_to_q_and_leaves_input_untouched(pack, small_models):
@@ -44,7 +51,7 @@ def test_tuning_patches_only_to_q_and_leaves_input_untouched(pack, small_models)
     before = comfy_eps(model, x, 500, ctx)
     base_before = comfy_eps(base, x, 500, ctx)
     tuned, losses = run_tune(pack, model, steps=3)
-    assert len(losses) == 3 and all(l > 0 for l in losses)
+    assert len(losses) == 3 and all(v > 0 for v in losses)
     keys = set(tuned.patches)
     assert keys and all(k.endswith((".attn1.to_q.weight", ".attn2.to_q.weight")) for k in keys)
     state = model.get_attachment("vp2p_t2s")
@@ -110,3 +117,83 @@ def test_bad_inputs(pack, small_models):
     model = inflated(pack, base)
     same, losses = run_tune(pack, model, steps=0)
     assert same is model and losses == []
+
+
+def test_save_load_reproduces_and_cache_skips_training(pack, small_models, tmp_path, monkeypatch):
+    import folder_paths
+
+    _, base = small_models
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
+    folder_paths.folder_names_and_paths.pop("vp2p", None)
+    tune_nodes = host_module(pack, "tune_nodes")
+    model = inflated(pack, base)
+    latents, cond = video()
+    settings = pack.vp2p.tuning.TuneSettings(steps=2, learning_rate=1e-4, seed=1)
+    steps_run = []
+    with torch.inference_mode():
+        tuned = tune_nodes.tune_cached(model, [[cond, {}]], latents, settings, lambda *a: steps_run.append(a[0]), save_name="clips/car")
+    assert steps_run == [1, 2]
+    saved = tmp_path / "vp2p" / "clips" / "car.safetensors"
+    assert saved.is_file() and len(list((tmp_path / "vp2p" / "cache").glob("tune_*.safetensors"))) == 1
+
+    # a second identical run is a cache hit: no training step at all, identical model
+    steps_run.clear()
+    with torch.inference_mode():
+        again = tune_nodes.tune_cached(model, [[cond, {}]], latents, settings, lambda *a: steps_run.append(a[0]))
+    assert steps_run == []
+    x, ctx = torch.randn(FRAMES, 4, 8, 8), torch.randn(FRAMES, 7, 768)
+    want = comfy_eps(tuned, x, 500, ctx)
+    assert torch.equal(comfy_eps(again, x, 500, ctx), want)
+
+    # Load Tuned T2S reproduces the tuned model exactly
+    load = nodes_of(pack)["VP2P_LoadTuned"]
+    assert "clips/car.safetensors" in load.INPUT_TYPES()["required"]["tuned_name"][1]["options"]
+    with torch.inference_mode():
+        loaded = load.execute(model=model, tuned_name="clips/car.safetensors").result[0]
+    assert torch.equal(comfy_eps(loaded, x, 500, ctx), want)
+
+    # other inflation settings or another base model are refused clearly
+    with torch.inference_mode():
+        other_mode = nodes_of(pack)["VP2P_InflateT2S"].execute(model=base, frame_attention="sparse_causal", temporal_attention=True).result[0]
+    with pytest.raises(ValueError, match="Inflate to T2S to the same settings"):
+        with torch.inference_mode():
+            load.execute(model=other_mode, tuned_name="clips/car.safetensors")
+    other_base = base.clone()
+    key = next(k for k in other_base.model.state_dict() if k.endswith("input_blocks.1.1.proj_in.weight"))
+    w = other_base.model.state_dict()[key]
+    other_base.add_patches({key: (torch.full_like(w, 1e-3),)}, 1.0)
+    with pytest.raises(ValueError, match="different base model"):
+        with torch.inference_mode():
+            load.execute(model=inflated(pack, other_base), tuned_name="clips/car.safetensors")
+
+    # a damaged cache file is reported and recomputed
+    cache_file = next((tmp_path / "vp2p" / "cache").glob("tune_*.safetensors"))
+    cache_file.write_bytes(cache_file.read_bytes()[:100])
+    steps_run.clear()
+    with torch.inference_mode():
+        tune_nodes.tune_cached(model, [[cond, {}]], latents, settings, lambda *a: steps_run.append(a[0]))
+    assert steps_run == [1, 2]
+    with pytest.raises(ValueError, match="save_name"):
+        with torch.inference_mode():
+            tune_nodes.tune_cached(model, [[cond, {}]], latents, settings, None, save_name="../escape")
+
+
+def test_clone_of_a_loaded_model_gets_its_own_temporal_layers(pack, small_models):
+    """ComfyUI's clone() copies is_injected; a tuned clone made while its parent is loaded must
+    still run its own (tuned) temporal layers, and exactly one temporal hook per block."""
+    _, base = small_models
+    model = inflated(pack, base)
+    tuned, _ = run_tune(pack, model, steps=2)
+    x, ctx = torch.randn(FRAMES, 4, 8, 8), torch.randn(FRAMES, 7, 768)
+    want = comfy_eps(tuned, x, 500, ctx)
+    comfy_eps(model, x, 500, ctx)  # the parent is now loaded and injected
+    tune_host = host_module(pack, "tune_host")
+    weights = pack.vp2p.tuned_file.TunedWeights(
+        tuned.get_attachment("vp2p_t2s").settings,
+        {ident: tuned.patches[k][0][1][0] for k, ident in tune_host.to_q_weight_keys(model.get_attachment("vp2p_t2s").blocks).items()},
+        tuned.get_attachment("vp2p_t2s").bank.state_dict())
+    with torch.inference_mode():
+        again = tune_host.apply_tuned(model, weights)  # cloned while the parent is injected
+    assert torch.equal(comfy_eps(again, x, 500, ctx), want)
+    block = again.model.diffusion_model.input_blocks[1][1].transformer_blocks[0]
+    assert sum(getattr(f, "_vp2p_temporal", False) for f in block._forward_hooks.values()) == 1

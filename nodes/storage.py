@@ -1,0 +1,59 @@
+"""Where the pack keeps files inside ComfyUI: ``models/vp2p/`` (registered with
+``folder_paths`` as ``vp2p``: named tuned models users save, share and load) and
+``models/vp2p/cache/`` (content-addressed results; safe to delete)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import folder_paths
+
+from ..vp2p import SettingsError
+
+log = logging.getLogger("VideoP2P")
+
+FOLDER = "vp2p"
+
+
+def register_folders() -> None:
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    folder_paths.add_model_folder_path(FOLDER, default)
+    paths, exts = folder_paths.folder_names_and_paths[FOLDER]
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | {".safetensors"})
+
+
+def models_dir() -> Path:
+    register_folders()
+    return Path(folder_paths.get_folder_paths(FOLDER)[0])
+
+
+def cache_dir() -> Path:
+    return models_dir() / "cache"
+
+
+def tuned_names() -> list[str]:
+    register_folders()
+    return [n for n in folder_paths.get_filename_list(FOLDER) if not n.replace("\\", "/").startswith("cache/")]
+
+
+def named_path(name: str) -> Path:
+    """``models/vp2p/<name>.safetensors`` for a user-given save name (sub-folders allowed)."""
+    clean = name.strip().replace("\\", "/")
+    if clean.endswith(".safetensors"):
+        clean = clean[: -len(".safetensors")]
+    if not clean or clean.startswith("/") or ".." in clean.split("/") or not re.fullmatch(r"[\w\-. /]+", clean):
+        raise SettingsError(
+            f"save_name {name!r} is not a usable file name. Use letters, digits, '-', '_', '.', and '/' for sub-folders."
+        )
+    return models_dir() / f"{clean}.safetensors"
+
+
+def resolve(name: str) -> Path:
+    register_folders()
+    full = folder_paths.get_full_path(FOLDER, name)
+    if full is None:
+        raise SettingsError(f"No tuned model named {name!r} in {models_dir()}. Tune on Video with a save_name writes one there.")
+    return Path(full)

@@ -1,0 +1,111 @@
+"""Tuned T2S weights: what Tune on Video produces, and its safetensors file.
+
+The file holds only the tuned tensors — the ``to_q`` deltas (tuned weight = base + delta)
+of attn1/attn2 per layer key and the temporal layers' state — plus string metadata:
+format version, base-model fingerprint, inflation settings, frames, prompt, steps,
+learning rate, seed. Writes are atomic (temporary file + rename). Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import VP2PError
+from .frame_attention import FrameMode
+from .keys import LayerKey
+from .patch import T2SSettings
+
+FORMAT = "vp2p-tuned/1"
+
+
+class TunedFileError(VP2PError):
+    """A tuned-weights file is missing, corrupt, or does not fit the model."""
+
+
+@dataclass
+class TunedWeights:
+    """deltas: (kind, key) -> [out, in] fp32; temporal: bank state dict (``layers.<slug>.<param>``)."""
+
+    settings: T2SSettings
+    deltas: dict[tuple[str, LayerKey], torch.Tensor]
+    temporal: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"to_q.{kind}.{key.slug}": d.detach().float().cpu().contiguous() for (kind, key), d in self.deltas.items()}
+        out.update({f"temporal.{name}": t.detach().float().cpu().contiguous() for name, t in self.temporal.items()})
+        return out
+
+
+def save_tuned(path: Path, weights: TunedWeights) -> Path:
+    """Write ``weights`` atomically to ``path`` (a .safetensors file)."""
+    meta = dict(weights.metadata)
+    meta.update(format=FORMAT, frame_attention=weights.settings.frame_attention.value,
+                temporal_attention=json.dumps(weights.settings.temporal_attention))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=str(path.parent))
+    os.close(fd)
+    try:
+        save_file(weights.tensors(), tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_tuned(path: Path) -> TunedWeights:
+    """Read a tuned-weights file; raises ``TunedFileError`` with what is wrong."""
+    if not path.is_file():
+        raise TunedFileError(f"No tuned-weights file at {path}.")
+    try:
+        meta = read_metadata(path)
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise TunedFileError(f"{path.name} is not a readable safetensors file ({e}); it may be truncated. Delete it and tune again.") from e
+    if meta.get("format") != FORMAT:
+        raise TunedFileError(f"{path.name} is not a Tune on Video file (format {meta.get('format')!r}, expected {FORMAT!r}).")
+    settings = T2SSettings(FrameMode.parse(meta["frame_attention"]), bool(json.loads(meta["temporal_attention"])))
+    deltas: dict[tuple[str, LayerKey], torch.Tensor] = {}
+    temporal: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        group, rest = name.split(".", 1)
+        if group == "to_q":
+            kind, slug = rest.split(".", 1)
+            deltas[(kind, LayerKey.from_slug(slug))] = t
+        elif group == "temporal":
+            temporal[rest] = t
+    return TunedWeights(settings, deltas, temporal, meta)
+
+
+def check_compatible(weights: TunedWeights, settings: T2SSettings, base_fingerprint: Optional[str], keys: set[LayerKey], name: str) -> None:
+    """Refuse clearly when a tuned file was made for another base model or inflation."""
+    if weights.settings != settings:
+        raise TunedFileError(
+            f"{name} was tuned with {weights.settings.describe()}, but the MODEL is inflated with {settings.describe()}. "
+            "Set Inflate to T2S to the same settings."
+        )
+    file_keys = {key for _, key in weights.deltas}
+    if file_keys != keys:
+        raise TunedFileError(f"{name} holds {len(file_keys)} transformer blocks; this MODEL has {len(keys)}. It was tuned on another architecture.")
+    if base_fingerprint is not None and weights.metadata.get("base_fingerprint") not in (None, base_fingerprint):
+        raise TunedFileError(
+            f"{name} was tuned on a different base model (fingerprint {weights.metadata.get('base_fingerprint', '?')[:12]}…, "
+            f"this MODEL is {base_fingerprint[:12]}…). Load the checkpoint (and LoRAs) it was tuned on, or tune again."
+        )
