@@ -1,7 +1,7 @@
 """Headless main job of the pack (no ComfyUI needed).
 
-Today: inflate an SD model to a text-to-set model and sample a clip with it
-(Tune-A-Video-style, starting from the clip's latents). Without --model it runs on a
+Today: inflate an SD model to a text-to-set model, tune it on the clip (Tune on Video)
+and sample the clip with it (Tune-A-Video-style, starting from the clip's latents). Without --model it runs on a
 small random-weight SD1.5-shaped model and a clip it generates: the pipeline is real,
 the pictures are noise. With --model DIR (a diffusers-format SD1.x/SD2.x folder on
 disk) it does the real job.
@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from vp2p import FrameMode, T2SSettings  # noqa: E402
 from vp2p.diffusers_pipeline import decode_video, encode_video, load_components, random_components, sample_video  # noqa: E402
+from vp2p.tuning import TuneSettings  # noqa: E402
 
 log = logging.getLogger("VideoP2P")
 
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strength", type=float, default=0.7, help="how far into the noise the clip is taken (1 = from noise)")
     ap.add_argument("--frame-attention", default="first_frame", choices=[m.value for m in FrameMode])
     ap.add_argument("--no-temporal", action="store_true")
+    ap.add_argument("--tune-steps", type=int, default=None, help="Tune on Video steps (default: 300 with --model, 4 without)")
+    ap.add_argument("--tune-lr", type=float, default=3e-5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "out")
     args = ap.parse_args(argv)
@@ -92,16 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     latents = encode_video(comps, clip)
     settings = T2SSettings(FrameMode(args.frame_attention), not args.no_temporal)
     every = max(1, math.ceil(args.steps / 5))
+    tune_steps = args.tune_steps if args.tune_steps is not None else (300 if args.model else 4)
+    tune_every = max(1, math.ceil(tune_steps / 5))
     result = sample_video(comps, settings, latents.float(), args.prompt, steps=args.steps, cfg=args.cfg,
                           strength=args.strength, seed=args.seed,
-                          progress=lambda i, n: log.info("step %d/%d", i, n) if i % every == 0 or i == n else None)
+                          progress=lambda i, n: log.info("sampling step %d/%d", i, n) if i % every == 0 or i == n else None,
+                          tune=TuneSettings(steps=tune_steps, learning_rate=args.tune_lr, seed=args.seed),
+                          tune_progress=lambda i, loss: log.info("tuning step %d/%d, loss %.4f", i + 1, tune_steps, loss)
+                          if (i + 1) % tune_every == 0 or i + 1 == tune_steps else None)
     video = decode_video(comps, result)
     save_gif(video, args.out / "sampled.gif")
     for i, f in enumerate(video):
         from PIL import Image
 
         Image.fromarray((f.numpy() * 255).round().astype(np.uint8)).save(args.out / f"sampled_{i:03d}.png")
-    log.info("Inflated (%s) and sampled %d frames of %dx%d in %.1f s -> %s", settings.describe(), video.shape[0],
+    log.info("Inflated (%s), tuned %d steps and sampled %d frames of %dx%d in %.1f s -> %s", settings.describe(), tune_steps, video.shape[0],
              video.shape[2], video.shape[1], time.perf_counter() - t0, args.out / "sampled.gif")
     if comps.random_weights:
         log.info("NOTE: no --model was given, so this ran on a small RANDOM-WEIGHT SD1.5-shaped model: the output is "

@@ -17,7 +17,7 @@ def test_main_job_writes_a_video(tmp_path):
     spec = importlib.util.spec_from_file_location("video_p2p_cli", ROOT / "scripts" / "video_p2p.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    rc = cli.main(["--frames", "3", "--width", "64", "--height", "48", "--steps", "3", "--strength", "1.0", "--out", str(tmp_path)])
+    rc = cli.main(["--frames", "3", "--width", "64", "--height", "48", "--steps", "3", "--strength", "1.0", "--tune-steps", "2", "--out", str(tmp_path)])
     assert rc == 0
     assert (tmp_path / "sampled.gif").stat().st_size > 0
     assert len(list(tmp_path.glob("sampled_*.png"))) == 3

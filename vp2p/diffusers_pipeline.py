@@ -16,11 +16,12 @@ from typing import Any, Callable, Optional
 import torch
 
 from .control import RunState
-from .diffusers_host import DiffusersT2S
+from .diffusers_host import DiffusersT2S, tune_diffusers
 from .errors import SettingsError
 from .layout import COND, UNCOND
 from .patch import T2SSettings
 from .schedule import Schedule, ddim_sample
+from .tuning import TuneSettings
 
 log = logging.getLogger("VideoP2P")
 
@@ -134,9 +135,11 @@ def cfg_denoiser(c: Components, host: DiffusersT2S, schedule: Schedule, cond: to
 
 def sample_video(c: Components, settings: T2SSettings, latents: torch.Tensor, prompt: str, negative: str = "",
                  steps: int = 20, cfg: float = 7.5, strength: float = 0.7, seed: int = 0,
-                 progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+                 progress: Optional[Callable[[int, int], None]] = None, tune: Optional[TuneSettings] = None,
+                 tune_progress: Optional[Callable[[int, float], None]] = None) -> torch.Tensor:
     """Tune-A-Video-style sampling of a clip with the inflated model (SDEdit from the clip's
-    latents at ``strength``; 1.0 = from pure noise). latents [F, 4, h, w] -> [F, 4, h, w]."""
+    latents at ``strength``; 1.0 = from pure noise), optionally after tuning the T2S model on
+    the clip with the prompt (Tune on Video). latents [F, 4, h, w] -> [F, 4, h, w]."""
     if not 0.0 < strength <= 1.0:
         raise SettingsError(f"strength must be in (0, 1], got {strength}.")
     full = Schedule.reference(steps, c.alphas_cumprod)
@@ -147,6 +150,9 @@ def sample_video(c: Components, settings: T2SSettings, latents: torch.Tensor, pr
     x = latents.float() + schedule.sigmas[0] * noise
     cond, uncond = encode_prompt(c, prompt), encode_prompt(c, negative)
     with DiffusersT2S(c.unet, settings) as host:
+        if tune is not None and tune.steps > 0:
+            tune_diffusers(host, latents.float(), cond, c.alphas_cumprod, tune, "v" if c.prediction_type == "v_prediction" else "eps",
+                           on_step=tune_progress)
         denoise = cfg_denoiser(c, host, schedule, cond, uncond, cfg)
         cb = (lambda i, _x: progress(i + 1, schedule.steps)) if progress else None
         with torch.no_grad():
