@@ -2,9 +2,9 @@
 
 * Autograd under the executor's ``inference_mode``: everything runs inside
   ``inference_mode(False)`` + ``enable_grad``. The UNet's own weights are inference
-  tensors (the checkpoint loader runs in the executor), so every weight of the training
-  clone gets a weight wrapper: ComfyUI then casts (copies) it into an ordinary tensor
-  on each forward, and backward can pass through it. ``to_q`` wrappers also add the
+  tensors (the checkpoint loader runs in the executor), so every weight and bias of the
+  training clone gets a weight wrapper: ComfyUI then casts (copies) it into an ordinary
+  tensor on each forward, and backward can pass through it. ``to_q`` wrappers also add the
   trainable delta. The modules themselves are never written.
 * Mixed precision: bf16 compute on devices that support it; fp32 elsewhere. The deltas and
   the temporal bank stay fp32 (optimiser state in full precision).
@@ -135,6 +135,8 @@ def tune_weights(model: Any, positive: list, latents: torch.Tensor, settings: Tu
                 mp.add_weight_wrapper(wkey, _AddDelta(delta))
             else:
                 mp.add_weight_wrapper(wkey, _ordinary)
+            if getattr(module, "bias", None) is not None:  # LayerNorm's backward saves its bias too
+                mp.add_weight_wrapper(f"diffusion_model.{name}.bias", _ordinary)
         params = list(deltas.values()) + (list(bank.parameters()) if bank is not None else [])
         if bank is not None:
             bank.requires_grad_(True)

@@ -86,7 +86,8 @@ def make_models(levels: int, seed: int = 0) -> tuple[Any, Any]:
     csd = {comfy_key: dsd[diff_key].clone() for diff_key, comfy_key in mapping.items() if diff_key in dsd}
     missing = set(dsd) - set(mapping)
     assert not missing, f"diffusers keys without a ComfyUI mapping: {sorted(missing)[:5]}"
-    patcher = comfy.sd.load_diffusion_model_state_dict(csd)
+    with torch.inference_mode():  # ComfyUI's loaders run inside the executor: weights are inference tensors
+        patcher = comfy.sd.load_diffusion_model_state_dict(csd)
     assert patcher is not None, "ComfyUI did not detect the random UNet as an SD model"
     assert type(patcher.model.model_config).__name__ == "SD15"
     return unet, patcher

@@ -49,11 +49,12 @@ def _free_port() -> int:
 class ComfyClient:
     """Minimal client of one running ComfyUI server."""
 
-    def __init__(self, base_url: str, process: subprocess.Popen, log_path: Path, output_dir: Path) -> None:
+    def __init__(self, base_url: str, process: subprocess.Popen, log_path: Path, output_dir: Path, input_dir: Optional[Path] = None) -> None:
         self.base_url = base_url
         self.process = process
         self.log_path = log_path
         self.output_dir = output_dir
+        self.input_dir = input_dir
         self.client_id = uuid.uuid4().hex
         self._object_info: Optional[dict] = None
 
@@ -150,10 +151,12 @@ def _execution_error_text(status: dict) -> str:
     return "\n".join(lines) or json.dumps(status, indent=1)
 
 
-def _write_extra_paths(path: Path, models_dir: Path, custom_nodes_dir: Path) -> None:
+def _write_extra_paths(path: Path, models_dir: Path, custom_nodes_dir: Path, vp2p_dir: Path) -> None:
     """The extra-model-paths yaml. Written as JSON, which is valid YAML, so no yaml writer is needed;
-    the paths are absolute so ComfyUI does not resolve them against the yaml's folder."""
-    config = {"vp2p_tests": {"checkpoints": str(models_dir.resolve()), "custom_nodes": str(custom_nodes_dir.resolve())}}
+    the paths are absolute so ComfyUI does not resolve them against the yaml's folder. ``vp2p`` is
+    the pack's own models folder (tuned weights and caches), kept out of the checkout."""
+    config = {"vp2p_tests": {"checkpoints": str(models_dir.resolve()), "custom_nodes": str(custom_nodes_dir.resolve()),
+                             "vp2p": str(vp2p_dir.resolve())}}
     path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
@@ -172,10 +175,10 @@ def comfy_server(comfy_path: Path, pack_root: Path, models_dir: Path, output_dir
         custom_nodes = tmp / "custom_nodes"
         custom_nodes.mkdir()
         (custom_nodes / PACK_LINK_NAME).symlink_to(pack_root, target_is_directory=True)
-        for d in ("user", "input", "temp_root"):
+        for d in ("user", "input", "temp_root", "vp2p"):
             (tmp / d).mkdir()
         extra_paths = tmp / "extra_model_paths.yaml"
-        _write_extra_paths(extra_paths, models_dir, custom_nodes)
+        _write_extra_paths(extra_paths, models_dir, custom_nodes, tmp / "vp2p")
         port = _free_port()
         cmd = [
             sys.executable, str(comfy_path / "main.py"),
@@ -204,7 +207,7 @@ def comfy_server(comfy_path: Path, pack_root: Path, models_dir: Path, output_dir
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(cmd, cwd=str(tmp), env=env, stdin=subprocess.DEVNULL,
                                        stdout=log_file, stderr=subprocess.STDOUT)
-        client = ComfyClient(f"http://{HOST}:{port}", process, log_path, output_dir)
+        client = ComfyClient(f"http://{HOST}:{port}", process, log_path, output_dir, tmp / "input")
         try:
             _wait_ready(client, startup_timeout)
             yield client

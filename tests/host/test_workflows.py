@@ -29,7 +29,29 @@ RUN_TIMEOUT_S = 240.0
 SHRINK: dict[str, dict[str, int]] = {
     "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": FRAMES},
     "KSampler": {"steps": 2},
+    "ImageFromBatch": {"length": FRAMES},
+    "ImageScale": {"width": 64, "height": 64},
+    "VP2P_TuneOnVideo": {"steps": 2},
 }
+
+
+def write_input_video(path: Path, frames: int = FRAMES + 2, size: int = 48) -> None:
+    """A small generated clip (a square moving over a gradient), as an H.264 mp4 through PyAV."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+        yy, xx = np.mgrid[0:size, 0:size]
+        for f in range(frames):
+            img = np.stack([xx * 255 // size, yy * 255 // size, np.full_like(xx, 90)], -1).astype(np.uint8)
+            x0 = 4 + f * 4
+            img[16:32, x0:x0 + 12] = (250, 120, 20)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
@@ -56,8 +78,9 @@ def comfy_client(comfy_path, random_checkpoint: Path, tmp_path_factory) -> Itera
 def test_random_checkpoint_loads_as_sd15(random_checkpoint, caplog):
     """ComfyUI's own loader detects the file as SD15, finds every weight, and CLIP/VAE give real outputs."""
     import comfy.sd
-    import nodes
     from safetensors import safe_open
+
+    import nodes
 
     with safe_open(str(random_checkpoint), "pt") as f:
         keys = set(f.keys())
@@ -209,10 +232,14 @@ def test_example_workflow_runs(workflow_path: Path, comfy_client: ComfyClient):
 
     prompt = shrink_for_cpu(ui_to_api(workflow, object_info), CKPT_NAME)
     assert prompt, "the workflow has no executable nodes"
+    for node in prompt.values():  # inputs the workflow expects in ComfyUI's input folder
+        if node["class_type"] == "LoadVideo":
+            write_input_video(comfy_client.input_dir / node["inputs"]["file"])
     entry = comfy_client.run(prompt, timeout=RUN_TIMEOUT_S)
     assert entry["status"]["status_str"] == "success" and entry["status"]["completed"]
 
     batch = {n["inputs"].get("batch_size") for n in prompt.values() if n["class_type"] == "EmptyLatentImage"}
+    batch |= {n["inputs"].get("length") for n in prompt.values() if n["class_type"] == "ImageFromBatch"}
     written = []
     for node_id, out in entry["outputs"].items():
         animated = any(out.get("animated") or [])
