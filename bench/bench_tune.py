@@ -48,7 +48,7 @@ def child(variant: str, frames: int, size: int, steps: int) -> dict:
     times: list[float] = []
     if variant == "plain":
         opt = torch.optim.AdamW(unet.parameters(), lr=3e-5, weight_decay=1e-2)
-        for i in range(steps):
+        for _ in range(steps):
             t0 = time.perf_counter()
             t = int(torch.randint(0, 1000, (1,), generator=g))
             noise = torch.randn(latents.shape, generator=g)

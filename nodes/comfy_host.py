@@ -21,7 +21,7 @@ import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension
 import torch
 
-from ..vp2p import AttentionPatch, LayerKey, T2SSettings, TemporalBank, UnsupportedModelError, is_vp2p_patch
+from ..vp2p import AttentionPatch, LayerKey, SettingsError, T2SSettings, TemporalBank, UnsupportedModelError, is_vp2p_patch
 from ..vp2p.keys import comfy_transformer_keys
 from ..vp2p.temporal import BlockShape
 
@@ -67,6 +67,29 @@ def transformer_blocks(model: Any) -> dict[LayerKey, str]:
             "SD1.x/SD2.x-style UNets (SDXL too); it cannot inflate DiT/MMDiT models such as SD3, Flux or video DiTs."
         )
     return keys
+
+
+def check_latent(model: Any, samples: Any, what: str) -> None:
+    """Refuse latents the UNet cannot take, before any work: channels and spatial size."""
+    if samples is None or samples.dim() != 4 or samples.shape[0] == 0:
+        shape = None if samples is None else tuple(samples.shape)
+        raise SettingsError(f"{what} needs a LATENT with samples [frames, channels, h, w]; got {shape}. Connect a VAE Encode of the video frames.")
+    dm = model.get_model_object("diffusion_model")
+    channels = getattr(dm, "in_channels", None)
+    if channels is not None and samples.shape[1] != channels:
+        raise SettingsError(
+            f"{what}: the latent has {samples.shape[1]} channels but this model takes {channels}. Encode the frames with this "
+            "checkpoint's VAE."
+        )
+    downsamples = sum(type(m).__name__ == "Downsample" for m in dm.modules())
+    factor = 2**downsamples
+    h, w = samples.shape[-2:]
+    if h % factor or w % factor:
+        raise SettingsError(
+            f"{what}: a latent of {h}×{w} ({h * 8}×{w * 8} pixels) cannot pass this UNet, which halves the size {downsamples} times: "
+            f"height and width must be multiples of {factor} ({factor * 8} pixels). Resize the frames, e.g. to "
+            f"{max(factor, h // factor * factor) * 8}×{max(factor, w // factor * factor) * 8}."
+        )
 
 
 def block_shapes(model: Any, blocks: dict[LayerKey, str]) -> dict[LayerKey, BlockShape]:

@@ -6,7 +6,6 @@ import logging
 
 from comfy_api.latest import io
 
-from ..vp2p import SettingsError
 from ..vp2p.tuning import TuneSettings
 from .tune_host import tune_weights
 
@@ -53,10 +52,12 @@ class TuneOnVideo(io.ComfyNode):
                 use_cache: bool = True) -> io.NodeOutput:
         import comfy.utils
 
+        from .comfy_host import check_latent
+        from .tune_host import require_state
+
         samples = latent.get("samples") if isinstance(latent, dict) else None
-        if samples is None or samples.dim() != 4 or samples.shape[0] == 0:
-            shape = None if samples is None else tuple(samples.shape)
-            raise SettingsError(f"Tune on Video needs a LATENT with samples [frames, 4, h, w]; got {shape}. Connect a VAE Encode of the video frames.")
+        require_state(model)
+        check_latent(model, samples, "Tune on Video")
         settings = TuneSettings(steps=int(steps), learning_rate=float(learning_rate), seed=int(seed) % (2**63))
         pbar = comfy.utils.ProgressBar(max(1, settings.steps))
         node_id = cls.hidden.unique_id if cls.hidden is not None else None

@@ -197,3 +197,22 @@ def test_clone_of_a_loaded_model_gets_its_own_temporal_layers(pack, small_models
     assert torch.equal(comfy_eps(again, x, 500, ctx), want)
     block = again.model.diffusion_model.input_blocks[1][1].transformer_blocks[0]
     assert sum(getattr(f, "_vp2p_temporal", False) for f in block._forward_hooks.values()) == 1
+
+
+def test_node_refuses_latents_the_unet_cannot_take(pack, small_models):
+    _, base = small_models
+    model = inflated(pack, base)
+    node = nodes_of(pack)["VP2P_TuneOnVideo"]
+    cond = [[torch.randn(1, 7, 768), {}]]
+    with pytest.raises(ValueError, match="multiples of 2"):  # the 2-level UNet halves once
+        with torch.inference_mode():
+            node.execute(model=model, positive=cond, latent={"samples": torch.randn(2, 4, 9, 8)}, steps=1, learning_rate=1e-4, seed=0)
+    with pytest.raises(ValueError, match="channels"):
+        with torch.inference_mode():
+            node.execute(model=model, positive=cond, latent={"samples": torch.randn(2, 16, 8, 8)}, steps=1, learning_rate=1e-4, seed=0)
+    with pytest.raises(ValueError, match="LATENT"):
+        with torch.inference_mode():
+            node.execute(model=model, positive=cond, latent={"samples": torch.randn(0, 4, 8, 8)}, steps=1, learning_rate=1e-4, seed=0)
+    with pytest.raises(ValueError, match="Inflate to T2S"):
+        with torch.inference_mode():
+            node.execute(model=base, positive=cond, latent={"samples": torch.randn(2, 4, 8, 8)}, steps=1, learning_rate=1e-4, seed=0)
