@@ -5,11 +5,5 @@
 # SD1.5-shaped model (no weights are downloaded; the output is noise by design).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-fi
-PY=.venv/bin/python
-"$PY" -m pip install --quiet --disable-pip-version-check torch==2.13.0
-"$PY" -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
-"$PY" -m pip install --quiet --disable-pip-version-check --no-deps open_clip_torch
+source scripts/setup_venv.sh
 exec "$PY" scripts/video_p2p.py "$@"
