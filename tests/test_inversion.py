@@ -113,3 +113,28 @@ def test_random_unet_null_text_beats_plain_ddim_at_cfg_7_5(unet, record_property
     record_property("psnr_shared_null_text", p_null)
     assert p_null > p_plain + 2.0, (p_plain, p_null)  # measured: 7.75 dB -> 10.48 dB (tiny 32-ch UNet, 8 steps)
     assert result.null_embeddings.shape[1] == 1  # one embedding for every frame
+
+
+def test_inversion_file_round_trip_and_checks(setup, tmp_path):
+    from vp2p.inversion_file import Inversion, InversionFileError, check_fits, load_inversion, save_inversion
+
+    den, latents, cond, empty, schedule, traj = setup
+    result = optimise_null_text(den, traj, cond, empty, schedule, InversionSettings(inner_steps=2))
+    inv = Inversion(traj, result.null_embeddings, cond, schedule, InversionMode.SHARED_NULL_TEXT, 7.5, "abc123",
+                    {"attn2.input_7_0": torch.randn(2, 3, dtype=torch.float16)})
+    path = save_inversion(tmp_path / "inv.safetensors", inv)
+    back = load_inversion(path)
+    for name, t in inv.tensors().items():
+        assert torch.equal(back.tensors()[name], t), name
+    assert back.mode is InversionMode.SHARED_NULL_TEXT and back.cfg == 7.5 and back.frames == latents.shape[0]
+    assert torch.equal(back.z_t, traj[0])
+    check_fits(back, "abc123", tuple(latents.shape), "inv")
+    with pytest.raises(InversionFileError, match="different model"):
+        check_fits(back, "zzz", tuple(latents.shape), "inv")
+    with pytest.raises(InversionFileError, match="latent shape"):
+        check_fits(back, "abc123", (latents.shape[0] + 1, *latents.shape[1:]), "inv")
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(InversionFileError, match="truncated"):
+        load_inversion(path)
+    fast = Inversion(traj, None, cond, schedule, InversionMode.DDIM_ONLY, 1.0, "abc123")
+    assert load_inversion(save_inversion(tmp_path / "fast.safetensors", fast)).null_embeddings is None

@@ -1,0 +1,117 @@
+"""``VP2P_INVERSION``: what an inversion holds, and its safetensors file.
+
+The trajectory is kept whole (the edit's source branch is fully determined by it), with
+the per-step null embeddings, the source conditioning, the schedule, the mode and the
+fingerprint of the model it was made with. ``attention`` is room for stored attention
+(FateZero). Files are written atomically; a damaged file raises ``InversionFileError``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .errors import VP2PError
+from .inversion import InversionMode
+from .schedule import Schedule
+
+FORMAT = "vp2p-inversion/1"
+
+
+class InversionFileError(VP2PError):
+    """An inversion file is missing, damaged, or does not fit."""
+
+
+@dataclass
+class Inversion:
+    """trajectory [S+1, F, C, h, w] (σ-space, index 0 = z_T); null_embeddings [S, 1|F, T, D] or None;
+    cond [1|F, T, D]; schedule (timesteps [S], sigmas [S+1])."""
+
+    trajectory: torch.Tensor
+    null_embeddings: Optional[torch.Tensor]
+    cond: torch.Tensor
+    schedule: Schedule
+    mode: InversionMode
+    cfg: float
+    model_fingerprint: str
+    attention: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def frames(self) -> int:
+        return int(self.trajectory.shape[1])
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.trajectory.shape[1:])
+
+    @property
+    def z_t(self) -> torch.Tensor:
+        return self.trajectory[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"trajectory": self.trajectory, "cond": self.cond, "timesteps": self.schedule.timesteps, "sigmas": self.schedule.sigmas}
+        if self.null_embeddings is not None:
+            out["null_embeddings"] = self.null_embeddings
+        out.update({f"attention.{k}": v for k, v in self.attention.items()})
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def metadata(self) -> dict[str, str]:
+        return {"format": FORMAT, "mode": self.mode.value, "cfg": repr(self.cfg), "model_fingerprint": self.model_fingerprint,
+                "frames": str(self.frames), "latent_shape": json.dumps(list(self.latent_shape))}
+
+
+def save_inversion(path: Path, inv: Inversion) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=str(path.parent))
+    os.close(fd)
+    try:
+        save_file(inv.tensors(), tmp, metadata=inv.metadata())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_inversion(path: Path) -> Inversion:
+    if not path.is_file():
+        raise InversionFileError(f"No inversion file at {path}.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        t = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InversionFileError(f"{path.name} is not a readable safetensors file ({e}); it may be truncated. Delete it and invert again.") from e
+    if meta.get("format") != FORMAT:
+        raise InversionFileError(f"{path.name} is not an inversion file (format {meta.get('format')!r}, expected {FORMAT!r}).")
+    try:
+        inv = Inversion(t["trajectory"], t.get("null_embeddings"), t["cond"], Schedule(t["timesteps"], t["sigmas"]),
+                        InversionMode.parse(meta["mode"]), float(meta["cfg"]), meta["model_fingerprint"],
+                        {k[len("attention."):]: v for k, v in t.items() if k.startswith("attention.")})
+    except KeyError as e:
+        raise InversionFileError(f"{path.name} lacks {e}; it was not written by this pack or is damaged. Invert again.") from e
+    if list(inv.latent_shape) != json.loads(meta["latent_shape"]):
+        raise InversionFileError(f"{path.name}: its trajectory does not match its recorded latent shape; the file is damaged.")
+    return inv
+
+
+def check_fits(inv: Inversion, model_fingerprint: str, latent_shape: tuple[int, ...], name: str) -> None:
+    """Refuse an inversion made with another model or for another video size."""
+    if inv.model_fingerprint != model_fingerprint:
+        raise InversionFileError(
+            f"{name} was made with a different model (fingerprint {inv.model_fingerprint[:12]}…, this MODEL is "
+            f"{model_fingerprint[:12]}…). Use the same checkpoint, LoRAs, inflation and tuning, or invert again."
+        )
+    if tuple(latent_shape) != inv.latent_shape:
+        raise InversionFileError(
+            f"{name} holds a video of latent shape {list(inv.latent_shape)} (frames, channels, h, w); this one is "
+            f"{list(latent_shape)}. Use the same frames and size, or invert again."
+        )
