@@ -22,3 +22,11 @@ class SettingsError(VP2PError):
 
 class RegistrationError(VP2PError):
     """An attention module cannot take the pack's processor (diffusers host)."""
+
+
+def parse_option(enum_cls, value, option: str, what: str):
+    """``enum_cls(value)``, or a ``SettingsError`` naming the option and the accepted values."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        raise SettingsError(f"{option}={value!r} is not {what}; expected one of {[m.value for m in enum_cls]}.") from None

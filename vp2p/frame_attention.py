@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from einops import rearrange
 
-from .errors import SettingsError
+from .errors import parse_option
 
 
 class FrameMode(str, Enum):
@@ -35,13 +35,7 @@ class FrameMode(str, Enum):
 
     @classmethod
     def parse(cls, value: "str | FrameMode") -> "FrameMode":
-        try:
-            return cls(value)
-        except ValueError:
-            raise SettingsError(
-                f"frame_attention={value!r} is not a frame attention mode; expected one of "
-                f"{[m.value for m in cls]}."
-            ) from None
+        return parse_option(cls, value, "frame_attention", "a frame attention mode")
 
 
 def source_frames(mode: FrameMode, frames: int) -> list[list[int]]:

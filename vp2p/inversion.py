@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import SettingsError
+from .errors import SettingsError, parse_option
 from .schedule import Schedule
 
 log = logging.getLogger("VideoP2P")
@@ -44,10 +44,7 @@ class InversionMode(str, Enum):
 
     @classmethod
     def parse(cls, value: "str | InversionMode") -> "InversionMode":
-        try:
-            return cls(value)
-        except ValueError:
-            raise SettingsError(f"mode={value!r} is not an inversion mode; expected one of {[m.value for m in cls]}.") from None
+        return parse_option(cls, value, "mode", "an inversion mode")
 
     @property
     def optimises(self) -> bool:

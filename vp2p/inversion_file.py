@@ -9,18 +9,15 @@ fingerprint of the model it was made with. ``attention`` is room for stored atte
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from .errors import VP2PError
 from .inversion import InversionMode
+from .safetensors_io import read_checked, write_atomic
 from .schedule import Schedule
 
 FORMAT = "vp2p-inversion/1"
@@ -69,29 +66,11 @@ class Inversion:
 
 
 def save_inversion(path: Path, inv: Inversion) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file(inv.tensors(), tmp, metadata=inv.metadata())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomic(path, inv.tensors(), inv.metadata())
 
 
 def load_inversion(path: Path) -> Inversion:
-    if not path.is_file():
-        raise InversionFileError(f"No inversion file at {path}.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        t = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise InversionFileError(f"{path.name} is not a readable safetensors file ({e}); it may be truncated. Delete it and invert again.") from e
-    if meta.get("format") != FORMAT:
-        raise InversionFileError(f"{path.name} is not an inversion file (format {meta.get('format')!r}, expected {FORMAT!r}).")
+    t, meta = read_checked(path, FORMAT, "inversion", InversionFileError)
     try:
         inv = Inversion(t["trajectory"], t.get("null_embeddings"), t["cond"], Schedule(t["timesteps"], t["sigmas"]),
                         InversionMode.parse(meta["mode"]), float(meta["cfg"]), meta["model_fingerprint"],

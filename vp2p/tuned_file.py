@@ -9,20 +9,17 @@ learning rate, seed. Writes are atomic (temporary file + rename). Never pickle.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .errors import VP2PError
 from .frame_attention import FrameMode
 from .keys import LayerKey
 from .patch import T2SSettings
+from .safetensors_io import read_checked, write_atomic
 
 FORMAT = "vp2p-tuned/1"
 
@@ -51,36 +48,12 @@ def save_tuned(path: Path, weights: TunedWeights) -> Path:
     meta = dict(weights.metadata)
     meta.update(format=FORMAT, frame_attention=weights.settings.frame_attention.value,
                 temporal_attention=json.dumps(weights.settings.temporal_attention))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file(weights.tensors(), tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    return write_atomic(path, weights.tensors(), meta)
 
 
 def load_tuned(path: Path) -> TunedWeights:
     """Read a tuned-weights file; raises ``TunedFileError`` with what is wrong."""
-    if not path.is_file():
-        raise TunedFileError(f"No tuned-weights file at {path}.")
-    try:
-        meta = read_metadata(path)
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise TunedFileError(f"{path.name} is not a readable safetensors file ({e}); it may be truncated. Delete it and tune again.") from e
-    if meta.get("format") != FORMAT:
-        raise TunedFileError(f"{path.name} is not a Tune on Video file (format {meta.get('format')!r}, expected {FORMAT!r}).")
+    tensors, meta = read_checked(path, FORMAT, "Tune on Video", TunedFileError)
     settings = T2SSettings(FrameMode.parse(meta["frame_attention"]), bool(json.loads(meta["temporal_attention"])))
     deltas: dict[tuple[str, LayerKey], torch.Tensor] = {}
     temporal: dict[str, torch.Tensor] = {}
