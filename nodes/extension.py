@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .invert_nodes import LoadInversion, NullTextInvert, SaveInversion
 from .t2s_nodes import InflateT2S
 from .tune_nodes import LoadTunedT2S, TuneOnVideo
 
@@ -15,4 +16,4 @@ class VideoP2PExtension(ComfyExtension):
         register_folders()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [InflateT2S, TuneOnVideo, LoadTunedT2S]
+        return [InflateT2S, TuneOnVideo, LoadTunedT2S, NullTextInvert, SaveInversion, LoadInversion]

@@ -57,3 +57,38 @@ def resolve(name: str) -> Path:
     if full is None:
         raise SettingsError(f"No tuned model named {name!r} in {models_dir()}. Tune on Video with a save_name writes one there.")
     return Path(full)
+
+
+INVERSIONS = "vp2p_inversions"
+
+
+def inversions_dir() -> Path:
+    """``output/vp2p_inversions``: inversions users save and load (an inversion is a result of
+    the user's video, not a model), registered with ``folder_paths`` for the loader's list."""
+    default = os.path.join(folder_paths.get_output_directory(), INVERSIONS)
+    if INVERSIONS not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[INVERSIONS] = ([default], {".safetensors"})
+    return Path(folder_paths.get_folder_paths(INVERSIONS)[0])
+
+
+def inversion_cache_dir() -> Path:
+    """Content-addressed inversions (safe to delete; they survive server restarts, unlike temp)."""
+    return inversions_dir() / "cache"
+
+
+def inversion_names() -> list[str]:
+    inversions_dir()
+    return [n for n in folder_paths.get_filename_list(INVERSIONS) if not n.replace("\\", "/").startswith("cache/")]
+
+
+def inversion_path(name: str) -> Path:
+    """Where ``name`` is saved: ``output/vp2p_inversions/<name>.safetensors`` (validated)."""
+    return inversions_dir() / named_path(name).relative_to(models_dir())
+
+
+def resolve_inversion(name: str) -> Path:
+    inversions_dir()
+    full = folder_paths.get_full_path(INVERSIONS, name)
+    if full is None:
+        raise SettingsError(f"No inversion named {name!r} in {inversions_dir()}. 'Save Inversion' writes one there.")
+    return Path(full)

@@ -74,10 +74,12 @@ class TuneOnVideo(io.ComfyNode):
 
 def tune_cached(model, positive, samples, settings: TuneSettings, progress, save_name: str = "", use_cache: bool = True):
     """Tune (or load the content-addressed result of an identical earlier tuning), apply, save."""
+    from ..vp2p.disk_cache import load_or_compute
     from ..vp2p.fingerprint import fingerprint
-    from ..vp2p.tuned_file import TunedFileError, load_tuned, save_tuned
+    from ..vp2p.tuned_file import load_tuned, save_tuned
+    from .model_facts import conditioning_tensor, model_fingerprint
     from .storage import cache_dir, named_path
-    from .tune_host import apply_tuned, conditioning_tensor, model_fingerprint, require_state
+    from .tune_host import apply_tuned, require_state
 
     state = require_state(model)
     if settings.steps == 0:
@@ -87,15 +89,9 @@ def tune_cached(model, positive, samples, settings: TuneSettings, progress, save
     base = model_fingerprint(model)
     key = fingerprint([("latents", samples), ("cond", cond)],
                       {"base": base, "t2s": state.settings.describe(), "tune": repr(settings), "format": "vp2p-tuned/1"})
-    cached = cache_dir() / f"tune_{key[:40]}.safetensors"
-    weights = None
-    if use_cache and cached.is_file():
-        try:
-            weights = load_tuned(cached)
-            log.info("Tune on Video: cache hit %s (no training).", cached.name)
-        except TunedFileError as e:
-            log.warning("Tune on Video: ignoring a damaged cache file (%s); tuning again.", e)
-    if weights is None:
+    cached = cache_dir() / f"tune_{key[:40]}.safetensors" if use_cache else None
+
+    def train():
         weights, losses = tune_weights(model, positive, samples, settings, progress)
         log.info("Tune on Video: done, loss %.5f → %.5f (mean of first/last 10 steps)",
                  sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:]))
@@ -103,8 +99,9 @@ def tune_cached(model, positive, samples, settings: TuneSettings, progress, save
                                 conditioning_fingerprint=fingerprint([("cond", cond)]), steps=str(settings.steps),
                                 learning_rate=repr(settings.learning_rate), seed=str(settings.seed),
                                 final_loss=f"{sum(losses[-10:]) / len(losses[-10:]):.6g}")
-        if use_cache:
-            save_tuned(cached, weights)
+        return weights
+
+    weights, _ = load_or_compute(cached, load_tuned, train, save_tuned, "Tune on Video")
     if target is not None:
         save_tuned(target, weights)
         log.info("Tune on Video: saved %s", target)
@@ -144,8 +141,9 @@ class LoadTunedT2S(io.ComfyNode):
     @classmethod
     def execute(cls, model, tuned_name: str) -> io.NodeOutput:
         from ..vp2p.tuned_file import check_compatible, load_tuned
+        from .model_facts import model_fingerprint
         from .storage import resolve
-        from .tune_host import apply_tuned, model_fingerprint, require_state
+        from .tune_host import apply_tuned, require_state
 
         state = require_state(model)
         weights = load_tuned(resolve(tuned_name))

@@ -86,8 +86,13 @@ def test_untuned_layer_is_skipped_but_still_trains():
         assert torch.equal(layer(x, 2, 3), x)  # identity, nothing computed
         out = layer(x, 2, 3, attend=lambda *a: calls.append(1) or sdpa(*a))
     assert torch.equal(out, x) and calls  # a controller still sees the temporal maps
-    # with gradients on, the layer runs so that the zero output projection can learn
+    # a bank is frozen until a tuner unfreezes it: a backward pass for something else
+    # (null-text) skips the untuned layer and leaves no gradient in it
     x.requires_grad_(True)
+    assert not any(p.requires_grad for p in layer.parameters())
+    assert torch.equal(layer(x, 2, 3), x) and layer.to_out.weight.grad is None
+    # unfrozen with gradients on, the layer runs so that the zero output projection can learn
+    layer.requires_grad_(True)
     y = layer(x, 2, 3)
     y.pow(2).sum().backward()
     assert layer.to_out.weight.grad is not None and layer.to_out.weight.grad.abs().sum() > 0

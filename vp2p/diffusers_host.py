@@ -206,7 +206,7 @@ def tune_diffusers(host: DiffusersT2S, latents: torch.Tensor, cond: torch.Tensor
                 d = host.deltas[(kind, key)] = torch.zeros(w.shape, device=w.device, dtype=torch.float32)
             params.append(d.requires_grad_(True))
     if host.bank is not None:
-        params += list(host.bank.parameters())
+        params += list(host.bank.requires_grad_(True).parameters())
     frozen = [p.requires_grad for p in host.unet.parameters()]
     for p in host.unet.parameters():
         p.requires_grad_(False)
@@ -218,3 +218,5 @@ def tune_diffusers(host: DiffusersT2S, latents: torch.Tensor, cond: torch.Tensor
             p.requires_grad_(flag)
         for d in host.deltas.values():
             d.requires_grad_(False)
+        if host.bank is not None:
+            host.bank.requires_grad_(False)

@@ -87,7 +87,8 @@ def to_sigma_space(x0: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tenso
 
 
 def ddim_invert(denoise: Denoise, latents: torch.Tensor, cond: torch.Tensor, schedule: Schedule,
-                should_stop: Optional[Callable[[], None]] = None) -> torch.Tensor:
+                should_stop: Optional[Callable[[], None]] = None,
+                on_step: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """Conditional-only DDIM inversion. latents [F, C, h, w] (DDPM scale, as encoded) ->
     trajectory [S+1, F, C, h, w] in σ-space, index i at ``schedule.sigmas[i]`` (0 = z_T)."""
     sig = schedule.sigmas.to(latents.device)
@@ -102,6 +103,8 @@ def ddim_invert(denoise: Denoise, latents: torch.Tensor, cond: torch.Tensor, sch
         d = denoise(x, s_cur.expand(frames), cond).float()
         x = d + s_next * (x - d) / s_cur
         traj.append(x)
+        if on_step is not None:
+            on_step(schedule.steps - i + 1)
     return torch.stack(traj[::-1])
 
 

@@ -29,8 +29,11 @@ class InversionFileError(VP2PError):
 
 @dataclass
 class Inversion:
-    """trajectory [S+1, F, C, h, w] (σ-space, index 0 = z_T); null_embeddings [S, 1|F, T, D] or None;
-    cond [1|F, T, D]; schedule (timesteps [S], sigmas [S+1])."""
+    """trajectory [S+1, F, C, h, w] (model latent space, σ-scaled; index 0 = z_T at ``sigmas[0]``);
+    null_embeddings [S, 1|F, T, D] (the optimised unconditional embedding per step) or None;
+    cond [1|F, T, D] (the source conditioning); negative [1|F, T, D] (the initial unconditional
+    embedding, which the decoupled target branch uses) or None; schedule (timesteps [S],
+    sigmas [S+1]); iterations [S] inner optimisation steps used per step (empty when none)."""
 
     trajectory: torch.Tensor
     null_embeddings: Optional[torch.Tensor]
@@ -39,6 +42,8 @@ class Inversion:
     mode: InversionMode
     cfg: float
     model_fingerprint: str
+    negative: Optional[torch.Tensor] = None
+    iterations: Optional[torch.Tensor] = None
     attention: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -55,8 +60,9 @@ class Inversion:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"trajectory": self.trajectory, "cond": self.cond, "timesteps": self.schedule.timesteps, "sigmas": self.schedule.sigmas}
-        if self.null_embeddings is not None:
-            out["null_embeddings"] = self.null_embeddings
+        for name in ("null_embeddings", "negative", "iterations"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         out.update({f"attention.{k}": v for k, v in self.attention.items()})
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
@@ -74,9 +80,11 @@ def load_inversion(path: Path) -> Inversion:
     try:
         inv = Inversion(t["trajectory"], t.get("null_embeddings"), t["cond"], Schedule(t["timesteps"], t["sigmas"]),
                         InversionMode.parse(meta["mode"]), float(meta["cfg"]), meta["model_fingerprint"],
-                        {k[len("attention."):]: v for k, v in t.items() if k.startswith("attention.")})
+                        t.get("negative"), t.get("iterations"), {k[len("attention."):]: v for k, v in t.items() if k.startswith("attention.")})
     except KeyError as e:
         raise InversionFileError(f"{path.name} lacks {e}; it was not written by this pack or is damaged. Invert again.") from e
+    if inv.mode.optimises and inv.null_embeddings is None:
+        raise InversionFileError(f"{path.name}: a {inv.mode.value} inversion without its null embeddings; the file is damaged.")
     if list(inv.latent_shape) != json.loads(meta["latent_shape"]):
         raise InversionFileError(f"{path.name}: its trajectory does not match its recorded latent shape; the file is damaged.")
     return inv

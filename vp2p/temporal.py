@@ -117,6 +117,9 @@ class TemporalBank(nn.Module):
         self.seed = seed
         g = torch.Generator().manual_seed(seed)
         self.layers = nn.ModuleDict({key.slug: TemporalAttention(shape, g) for key, shape in sorted(shapes.items())})
+        # Frozen unless a tuner says otherwise: a backward pass for something else (null-text,
+        # guidance) must neither accumulate gradients here nor stop untuned layers being skipped.
+        self.requires_grad_(False)
 
     @property
     def device(self) -> torch.device:

@@ -114,3 +114,23 @@ def comfy_eps(patcher: Any, x: torch.Tensor, t: int, ctx: torch.Tensor, cond_or_
         dtype = model.get_dtype()
         out = model.diffusion_model(x.to(dev, dtype), timesteps=ts, context=ctx.to(dev, dtype), transformer_options=to)
     return out.float().cpu()
+
+
+def nodes_of(pack: Any) -> dict:
+    """ComfyUI's registry of node classes (the pack's nodes as ComfyUI registered them)."""
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+def host_module(pack: Any, name: str) -> Any:
+    """A module of the loaded pack's ``nodes/`` package (as ComfyUI imported it)."""
+    import importlib
+
+    return importlib.import_module(f"{pack.__name__}.nodes.{name}")
+
+
+def inflated(pack: Any, model: Any, frame_attention: str = "first_frame", temporal: bool = True) -> Any:
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        node = nodes_of(pack)["VP2P_InflateT2S"]
+        return node.execute(model=model, frame_attention=frame_attention, temporal_attention=temporal).result[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.host.comfy_env import comfy_eps
+from tests.host.comfy_env import comfy_eps, host_module, inflated, nodes_of
 
 FRAMES = 3
 
@@ -18,17 +18,6 @@ def video(seed=0):
     return latents, cond
 
 
-def nodes_of(pack):
-    import nodes
-
-    return nodes.NODE_CLASS_MAPPINGS
-
-
-def inflated(pack, model):
-    with torch.inference_mode():  # as ComfyUI's executor runs nodes
-        return nodes_of(pack)["VP2P_InflateT2S"].execute(model=model, frame_attention="first_frame", temporal_attention=True).result[0]
-
-
 def run_tune(pack, model, steps=3, seed=0, lr=1e-4, progress=None):
     latents, cond = video()
     settings = pack.vp2p.tuning.TuneSettings(steps=steps, learning_rate=lr, seed=seed)
@@ -36,12 +25,6 @@ def run_tune(pack, model, steps=3, seed=0, lr=1e-4, progress=None):
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         weights, losses = tune_host.tune_weights(model, [[cond, {}]], latents, settings, progress)
         return (tune_host.apply_tuned(model, weights) if weights is not None else model), losses
-
-
-def host_module(pack, name):
-    import importlib
-
-    return importlib.import_module(f"{pack.__name__}.nodes.{name}")
 
 
 def test_tuning_patches_only_to_q_and_leaves_input_untouched(pack, small_models):

@@ -32,6 +32,8 @@ SHRINK: dict[str, dict[str, int]] = {
     "ImageFromBatch": {"length": FRAMES},
     "ImageScale": {"width": 64, "height": 64},
     "VP2P_TuneOnVideo": {"steps": 2},
+    "VP2P_NullTextInvert": {"steps": 2, "inner_steps": 2},
+    "KSamplerAdvanced": {"steps": 2},
 }
 
 
@@ -252,3 +254,36 @@ def test_example_workflow_runs(workflow_path: Path, comfy_client: ComfyClient):
                 assert _frames(path) == next(iter(batch)), f"{path.name}: frame count differs from the latent batch"
             written.append(path)
     assert written, f"the workflow wrote no output files; outputs: {entry['outputs']}"
+
+
+def test_inversion_survives_a_server_restart(comfy_path, random_checkpoint: Path, tmp_path: Path):
+    """The inversion's disk cache lives in the output folder: a restarted server inverts nothing."""
+    workflow = json.loads((ROOT / "example_workflows" / "invert_and_reconstruct.json").read_text(encoding="utf-8"))
+    output_dir = tmp_path / "output"
+    logs, saved = [], []
+    for _ in range(2):
+        with comfy_server(comfy_path, ROOT, random_checkpoint.parent, output_dir) as client:
+            prompt = shrink_for_cpu(ui_to_api(workflow, client.object_info()), CKPT_NAME)
+            for node in prompt.values():
+                if node["class_type"] == "LoadVideo":
+                    write_input_video(client.input_dir / node["inputs"]["file"])
+            entry = client.run(prompt, timeout=RUN_TIMEOUT_S)
+            assert entry["status"]["status_str"] == "success"
+            logs.append(client.log())
+        saved.append(_tensors_and_metadata(output_dir / "vp2p_inversions" / "video_p2p" / "inversion.safetensors"))
+    hit = "Shared Null-Text Invert: cache hit"
+    assert hit not in logs[0] and "inner iterations per step" in logs[0], logs[0][-3000:]
+    assert hit in logs[1], logs[1][-3000:]
+    assert "inner iterations per step" not in logs[1]
+    assert len(list((output_dir / "vp2p_inversions" / "cache").glob("inversion_*.safetensors"))) == 1
+    (first, meta0), (second, meta1) = saved
+    assert meta0 == meta1 and first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)  # the same inversion, bit for bit
+
+
+def _tensors_and_metadata(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        return load_file(str(path)), dict(f.metadata())

@@ -1,0 +1,129 @@
+"""Autograd through a ComfyUI MODEL (tuning, null-text optimisation, guidance).
+
+ComfyUI executes nodes under ``torch.inference_mode()`` and its checkpoint loader runs
+inside the executor, so the UNet's weights are inference tensors that backward cannot
+save. An *autograd clone* fixes that without writing a module other MODELs share:
+
+* every weight and bias gets a ComfyUI weight wrapper (identity, or a caller's override
+  such as "base + trainable delta"); with any wrapper present ComfyUI casts with
+  ``copy=True`` on each forward, outside inference mode here, producing ordinary tensors;
+* bf16 compute on devices that support it (fp32 on CPU); whatever is optimised stays fp32;
+* gradient checkpointing per spatial transformer, as a ``PatcherInjection`` (instance
+  ``forward`` set on inject, removed on eject), so activation memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import comfy.model_management
+import comfy.patcher_extension
+import torch
+import torch.utils.checkpoint
+
+from .comfy_host import transformer_blocks
+
+CHECKPOINT_INJECTION_KEY = "vp2p_grad_checkpoint"
+
+# x_σ [B, C, h, w], σ [B], context [B, T, D] -> x0 [B, C, h, w]
+Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class AddDelta:
+    """Weight wrapper: base weight + a (trainable, fp32) delta cast to the compute dtype."""
+
+    def __init__(self, delta: torch.Tensor) -> None:
+        self.delta = delta
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta.to(weight.dtype)
+
+
+def _ordinary(weight: torch.Tensor) -> torch.Tensor:
+    # Its mere presence makes ComfyUI cast with copy=True, which (outside inference mode)
+    # turns the inference-tensor weight into an ordinary one.
+    return weight
+
+
+class _Checkpointing:
+    """Gradient checkpointing of the given submodules while injected."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        self.modules: list[torch.nn.Module] = []
+
+    def inject(self, patcher: Any) -> None:
+        dm = patcher.model.diffusion_model
+        for path in self.paths:
+            m = dm.get_submodule(path)
+            original = m.forward
+
+            def forward(*args: Any, _orig: Callable = original, **kwargs: Any) -> torch.Tensor:
+                if not torch.is_grad_enabled():
+                    return _orig(*args, **kwargs)
+                return torch.utils.checkpoint.checkpoint(_orig, *args, use_reentrant=False, **kwargs)
+
+            m.forward = forward  # an instance attribute shadows the class method until eject
+            self.modules.append(m)
+
+    def eject(self, patcher: Any) -> None:
+        for m in self.modules:
+            if "forward" in m.__dict__:
+                del m.forward
+        self.modules.clear()
+
+
+def make_autograd_clone(model: Any, clone: Optional[Any] = None,
+                        overrides: Optional[Mapping[str, Callable[[torch.Tensor], torch.Tensor]]] = None) -> Any:
+    """Prepare ``clone`` (default: a fresh ``model.clone()``) for backward passes.
+
+    ``overrides`` maps ComfyUI weight keys (``diffusion_model.<path>.weight``) to wrappers
+    used instead of the identity one. ``model`` is not changed.
+    """
+    mp = model.clone() if clone is None else clone
+    device = mp.load_device
+    if comfy.model_management.should_use_bf16(device) and torch.device(device).type != "cpu":
+        mp.set_model_compute_dtype(torch.bfloat16)
+    blocks = transformer_blocks(mp)
+    spatial = sorted({p.rsplit(".transformer_blocks.", 1)[0] for p in blocks.values()})
+    ck = _Checkpointing(spatial)
+    mp.set_injections(CHECKPOINT_INJECTION_KEY, [comfy.patcher_extension.PatcherInjection(ck.inject, ck.eject)])
+    overrides = dict(overrides or {})
+    for name, module in mp.get_model_object("diffusion_model").named_modules():
+        if getattr(module, "weight", None) is None or not hasattr(module, "weight_function"):
+            continue
+        wkey = f"diffusion_model.{name}.weight"
+        mp.add_weight_wrapper(wkey, overrides.pop(wkey, _ordinary))
+        if getattr(module, "bias", None) is not None:  # LayerNorm's backward saves its bias too
+            mp.add_weight_wrapper(f"diffusion_model.{name}.bias", _ordinary)
+    if overrides:
+        raise KeyError(f"no such weights to wrap: {sorted(overrides)[:3]}")
+    return mp
+
+
+@contextmanager
+def autograd(mp: Any) -> Iterator[None]:
+    """Gradients on, inference mode off, ComfyUI's training flag set, the clone fully loaded."""
+    with torch.inference_mode(False), torch.enable_grad():
+        flag = comfy.model_management.in_training
+        comfy.model_management.in_training = True
+        try:
+            comfy.model_management.load_models_gpu([mp], force_full_load=True)
+            yield
+        finally:
+            comfy.model_management.in_training = flag
+
+
+def denoiser(mp: Any, extra_options: Optional[dict] = None) -> Denoise:
+    """``denoise(x_σ, σ, context) -> x0`` through the MODEL's wrapper (eps and v alike), with
+    its patches and transformer options, as one conditional-only batch."""
+    options = {**mp.model_options.get("transformer_options", {}), **(extra_options or {})}
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        to = options.copy()
+        to["cond_or_uncond"] = [0]
+        to["sigmas"] = sigma
+        return mp.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to)
+
+    return denoise

@@ -1,0 +1,174 @@
+"""Nodes ``VP2P_NullTextInvert`` "Shared Null-Text Invert", ``VP2P_SaveInversion`` and
+``VP2P_LoadInversion``."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from ..vp2p.inversion import InversionMode, InversionSettings
+
+log = logging.getLogger("VideoP2P")
+
+Inversion = io.Custom("VP2P_INVERSION")
+
+MODE_HELP = (
+    "shared_null_text (Video-P2P): per step, one unconditional embedding optimised for all frames; best edits, slowest "
+    "(up to inner_steps extra forward+backward passes per step). "
+    "per_frame_null_text: one embedding per frame (the paper's ablation; reconstructs at least as well, but frames can "
+    "drift apart when edited). "
+    "ddim_only: no optimisation, fastest; the edit's source branch then runs without guidance ('fast' guidance). "
+    "negative_prompt: the source prompt serves as the null embedding, no optimisation; fast, usually a little less exact."
+)
+
+
+def _noise_latent(model, inversion) -> dict:
+    """z_T as a LATENT (VAE scale), for samplers started with their own noise disabled."""
+    return {"samples": model.model.latent_format.process_out(inversion.z_t.clone())}
+
+
+class NullTextInvert(io.ComfyNode):
+    """Invert the video: DDIM inversion + null-text optimisation (Video-P2P stage 2)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VP2P_NullTextInvert",
+            display_name="Shared Null-Text Invert",
+            category="video_p2p/edit",
+            description=(
+                "Inverts a video for editing: conditional DDIM inversion with the source prompt, keeping every latent of the "
+                "trajectory, then (in the null-text modes) an unconditional embedding per step optimised so that guided "
+                "sampling from the inverted noise reconstructs the video. The result is cached on disk by content; a "
+                "second run with the same model, video, prompts and settings is a file read."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The (inflated, tuned) MODEL the edit will use. Any SD1.x/SD2.x MODEL works."),
+                io.Conditioning.Input("positive", tooltip="The source prompt describing the video (batch 1, or one per frame)."),
+                io.Conditioning.Input("negative", tooltip="The initial unconditional embedding, usually an empty prompt. The "
+                                                          "decoupled sampler's target branch keeps using it."),
+                io.Latent.Input("latent", tooltip="The video as latents, one frame per batch entry (VAE Encode of the frames)."),
+                io.Int.Input("steps", default=50, min=2, max=1000, tooltip="DDIM steps (the reference's 50: timesteps 981…1). "
+                                                                          "The edit uses the same steps."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="The guidance scale the edit will use; null-text optimisation makes guided sampling at "
+                                       "this scale reconstruct the video. Must be > 1 for the null-text modes."),
+                io.Combo.Input("mode", options=[m.value for m in InversionMode], default=InversionMode.SHARED_NULL_TEXT.value,
+                               tooltip=MODE_HELP),
+                io.Int.Input("inner_steps", default=10, min=0, max=1000,
+                             tooltip="Most optimisation iterations per step (the reference's 10). Each is one UNet forward + "
+                                     "backward on all frames."),
+                io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6, round=1e-7,
+                               tooltip="Stop a step's optimisation once its loss is below early_stop + step·2e-5 (as the "
+                                       "reference). Larger is faster and less exact."),
+                io.Boolean.Input("store_attention", default=False,
+                                 tooltip="Also store the source attention for the FateZero controller. Not available in this "
+                                         "version of the pack: leave it off."),
+                io.Boolean.Input("use_cache", default=True, optional=True,
+                                 tooltip="Reuse an identical earlier inversion from output/vp2p_inversions/cache (a hit costs a "
+                                         "file read, no UNet call)."),
+            ],
+            outputs=[
+                Inversion.Output("inversion", tooltip="The inversion: latent trajectory, per-step null embeddings, source "
+                                                      "conditioning, schedule, and the model's fingerprint."),
+                io.Latent.Output("noise", tooltip="z_T, the inverted noise, as a LATENT: start any sampler from it with its own "
+                                                  "noise disabled (e.g. KSampler (Advanced), add_noise off, same steps)."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent, steps: int, cfg: float, mode: str, inner_steps: int,
+                early_stop: float, store_attention: bool, use_cache: bool = True) -> io.NodeOutput:
+        import comfy.utils
+
+        from ..vp2p import SettingsError
+        from .invert_host import invert_cached
+        from .storage import inversion_cache_dir
+        from .tune_nodes import _progress_text
+
+        if store_attention:
+            raise SettingsError(
+                "store_attention keeps the source attention for the FateZero controller, which this version of the pack does "
+                "not have yet. Turn store_attention off."
+            )
+        settings = InversionSettings(steps=int(steps), cfg=float(cfg), mode=InversionMode.parse(mode),
+                                     inner_steps=int(inner_steps), early_stop=float(early_stop))
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        pbar = comfy.utils.ProgressBar(1)
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        shown = {"text": None}
+
+        def progress(done: int, total: int, text: str) -> None:
+            pbar.update_absolute(done, total)
+            if text.split(" · ")[0] != shown["text"]:
+                shown["text"] = text.split(" · ")[0]
+                log.debug("Shared Null-Text Invert: %s", text)
+            _progress_text(text, node_id)
+
+        inv = invert_cached(model, positive, negative, samples, settings, inversion_cache_dir() if use_cache else None, progress)
+        return io.NodeOutput(inv, _noise_latent(model, inv))
+
+
+class SaveInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VP2P_SaveInversion",
+            display_name="Save Inversion",
+            category="video_p2p/edit",
+            description="Saves an inversion as output/vp2p_inversions/<name>.safetensors, to edit the same video later or share "
+                        "it. It only loads onto the same model (checkpoint, LoRAs, inflation, tuning).",
+            inputs=[
+                Inversion.Input("inversion", tooltip="From 'Shared Null-Text Invert'."),
+                io.String.Input("name", default="video_p2p/inversion",
+                                tooltip="File name under output/vp2p_inversions ('/' makes sub-folders). An existing file is replaced."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, inversion, name: str) -> io.NodeOutput:
+        from ..vp2p.inversion_file import save_inversion
+        from .storage import inversion_path
+
+        path = save_inversion(inversion_path(name), inversion)
+        log.info("Save Inversion: wrote %s", path)
+        return io.NodeOutput()
+
+
+class LoadInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from .storage import inversion_names
+
+        return io.Schema(
+            node_id="VP2P_LoadInversion",
+            display_name="Load Inversion",
+            category="video_p2p/edit",
+            description="Loads an inversion saved with 'Save Inversion'. One made with a different model, or (when a latent is "
+                        "connected) for a different video size, is refused.",
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL the inversion was made with (it is checked by fingerprint)."),
+                io.Combo.Input("inversion_name", options=inversion_names(), tooltip="A file in output/vp2p_inversions."),
+                io.Latent.Input("latent", optional=True, tooltip="Optional: the video's latents, to check the frames and size."),
+            ],
+            outputs=[
+                Inversion.Output("inversion", tooltip="The loaded inversion."),
+                io.Latent.Output("noise", tooltip="Its z_T as a LATENT."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion_name: str, latent=None) -> io.NodeOutput:
+        from ..vp2p.inversion_file import check_fits, load_inversion
+        from .model_facts import model_fingerprint
+        from .storage import resolve_inversion
+
+        inv = load_inversion(resolve_inversion(inversion_name))
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        shape = tuple(samples.shape) if samples is not None else inv.latent_shape
+        check_fits(inv, model_fingerprint(model), shape, inversion_name)
+        return io.NodeOutput(inv, _noise_latent(model, inv))
