@@ -102,6 +102,7 @@ def invert(model: Any, positive: list, negative: list, samples: torch.Tensor, se
         cond=cond_in.detach().cpu().float(), schedule=schedule, mode=settings.mode, cfg=settings.cfg, model_fingerprint=fp,
         negative=neg_in.detach().cpu().float(),
         iterations=torch.tensor(result.iterations, dtype=torch.int32) if result.iterations else None,
+        source_path=None if result.source_path is None else result.source_path.detach().cpu(),
     )
 
 

@@ -74,11 +74,14 @@ class InversionSettings:
 
 @dataclass
 class NullTextResult:
-    """null_embeddings: [S, 1 or F, T, D] (None for ddim_only); iterations: inner steps used per step."""
+    """null_embeddings: [S, 1 or F, T, D] (None for ddim_only); iterations: inner steps used per step;
+    source_path: [S+1, F, C, h, w] the guided walk from z_T with the optimised embeddings (σ-space),
+    i.e. exactly the source branch of a decoupled edit (None when nothing was optimised)."""
 
     null_embeddings: Optional[torch.Tensor]
     iterations: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    source_path: Optional[torch.Tensor] = None
 
 
 def to_sigma_space(x0: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
@@ -146,7 +149,7 @@ def optimise_null_text(denoise: Denoise, trajectory: torch.Tensor, cond: torch.T
     rows = 1 if mode is InversionMode.SHARED_NULL_TEXT else frames
     null = null_init.detach().float().expand(rows, -1, -1).clone()
     x = trajectory[0].float()
-    out, iterations, losses = [], [], []
+    out, iterations, losses, path = [], [], [], [x]
     for i in range(schedule.steps):
         s_cur, s_next = sig[i], sig[i + 1]
         target = trajectory[i + 1].float() / torch.sqrt(1 + s_next**2)  # DDPM scale
@@ -173,12 +176,13 @@ def optimise_null_text(denoise: Denoise, trajectory: torch.Tensor, cond: torch.T
         null = null.detach()
         with torch.no_grad():
             x = euler_step(x, guided(denoise, x, s_cur, cond, null, settings.cfg, d_cond), s_cur, s_next)
+        path.append(x)
         out.append(null.clone())
         iterations.append(used)
         losses.append(loss_value)
         if on_step is not None:
             on_step(i + 1, used, loss_value)
-    return NullTextResult(torch.stack(out), iterations, losses)
+    return NullTextResult(torch.stack(out), iterations, losses, torch.stack(path))
 
 
 def reconstruct(denoise: Denoise, z_t: torch.Tensor, cond: torch.Tensor, schedule: Schedule, cfg: float,

@@ -33,7 +33,9 @@ class Inversion:
     null_embeddings [S, 1|F, T, D] (the optimised unconditional embedding per step) or None;
     cond [1|F, T, D] (the source conditioning); negative [1|F, T, D] (the initial unconditional
     embedding, which the decoupled target branch uses) or None; schedule (timesteps [S],
-    sigmas [S+1]); iterations [S] inner optimisation steps used per step (empty when none)."""
+    sigmas [S+1]); iterations [S] inner optimisation steps used per step (None when none);
+    source_path [S+1, F, C, h, w] the guided walk with the optimised embeddings (the decoupled
+    edit's source branch, so an edit can reuse it) or None."""
 
     trajectory: torch.Tensor
     null_embeddings: Optional[torch.Tensor]
@@ -44,6 +46,7 @@ class Inversion:
     model_fingerprint: str
     negative: Optional[torch.Tensor] = None
     iterations: Optional[torch.Tensor] = None
+    source_path: Optional[torch.Tensor] = None
     attention: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -60,7 +63,7 @@ class Inversion:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"trajectory": self.trajectory, "cond": self.cond, "timesteps": self.schedule.timesteps, "sigmas": self.schedule.sigmas}
-        for name in ("null_embeddings", "negative", "iterations"):
+        for name in ("null_embeddings", "negative", "iterations", "source_path"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         out.update({f"attention.{k}": v for k, v in self.attention.items()})
@@ -80,7 +83,8 @@ def load_inversion(path: Path) -> Inversion:
     try:
         inv = Inversion(t["trajectory"], t.get("null_embeddings"), t["cond"], Schedule(t["timesteps"], t["sigmas"]),
                         InversionMode.parse(meta["mode"]), float(meta["cfg"]), meta["model_fingerprint"],
-                        t.get("negative"), t.get("iterations"), {k[len("attention."):]: v for k, v in t.items() if k.startswith("attention.")})
+                        t.get("negative"), t.get("iterations"), t.get("source_path"),
+                        {k[len("attention."):]: v for k, v in t.items() if k.startswith("attention.")})
     except KeyError as e:
         raise InversionFileError(f"{path.name} lacks {e}; it was not written by this pack or is damaged. Invert again.") from e
     if inv.mode.optimises and inv.null_embeddings is None:
