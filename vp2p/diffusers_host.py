@@ -130,18 +130,20 @@ class DiffusersT2S:
             self._options = {}
 
     def denoiser(self, alphas_cumprod: torch.Tensor, prediction: str = "eps") -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``D(x_σ, σ, cond) -> x0`` for one video (cond rows only), the σ-space convention of ``vp2p.tuning``.
-        σ must be the σ of an integer training timestep."""
+        """``D(x_σ, σ, cond[, cond_or_uncond, run]) -> x0`` in the σ-space convention of ``vp2p.tuning``:
+        one conditional video by default, or the rows a sampler composed (one ``cond_or_uncond``
+        entry per video, with its ``RunState``). σ must be the σ of an integer training timestep."""
         from .tuning import training_sigmas
 
         table = training_sigmas(alphas_cumprod)
 
-        def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, cond_or_uncond: Optional[Sequence[int]] = None,
+                    run: Optional[RunState] = None) -> torch.Tensor:
             s = sigma.to(x.device).view(-1, 1, 1, 1).float()
             t = int(torch.argmin((table.to(sigma.device) - sigma.flatten()[0].float()).abs()))
             a = torch.rsqrt(1 + s**2)
             dtype = next(self.unet.parameters()).dtype
-            out = self((x * a).to(dtype), t, cond.to(dtype), cond_or_uncond=[0], sigmas=sigma).float()
+            out = self((x * a).to(dtype), t, cond.to(dtype), cond_or_uncond=list(cond_or_uncond or [0]), sigmas=sigma, run=run).float()
             if prediction == "v":
                 return x * a**2 - s * a * out
             return x - s * out

@@ -10,7 +10,11 @@ The rows of a UNet batch are ``chunks × branches × frames`` in that order:
   a plain sampler has one;
 * *frames* are the frames of one video, which is the batch axis of an IMAGE/LATENT.
 
-A *video* is one ``(chunk, branch)`` pair: ``F`` consecutive rows.
+A *video* is one ``(chunk, branch)`` pair: ``F`` consecutive rows. A sampler that composes
+its own batch (the decoupled sampler, which may leave out rows it already knows) names
+every video's ``(kind, branch)`` explicitly in ``LayoutSpec.roles``; it then passes one
+``cond_or_uncond`` entry per video, which is what ComfyUI's own patches expect (equal
+chunks of F rows).
 """
 
 from __future__ import annotations
@@ -30,10 +34,13 @@ class LayoutSpec:
 
     frames: int
     branches: int = 1
+    roles: Optional[tuple[tuple[int, int], ...]] = None  # per video: (COND|UNCOND, branch)
 
     def __post_init__(self) -> None:
         if self.frames < 1 or self.branches < 1:
             raise LayoutError(f"A layout needs frames ≥ 1 and branches ≥ 1, got frames={self.frames}, branches={self.branches}.")
+        if self.roles is not None and any(b >= self.branches or c not in (COND, UNCOND) for c, b in self.roles):
+            raise LayoutError(f"Video roles {self.roles} do not fit {self.branches} branches.")
 
 
 @dataclass(frozen=True)
@@ -43,10 +50,23 @@ class BatchLayout:
     chunks: tuple[int, ...]
     branches: int
     frames: int
+    roles: Optional[tuple[tuple[int, int], ...]] = None
+
+    @property
+    def video_roles(self) -> tuple[tuple[int, int], ...]:
+        """(kind, branch) of every video, in row order."""
+        if self.roles is not None:
+            return self.roles
+        return tuple((c, b) for c in self.chunks for b in range(self.branches))
 
     @property
     def videos(self) -> int:
-        return len(self.chunks) * self.branches
+        return len(self.video_roles)
+
+    def video_of(self, kind: int, branch: int) -> Optional[int]:
+        """Index of the video with this role, or ``None`` when the call does not hold it."""
+        roles = self.video_roles
+        return roles.index((kind, branch)) if (kind, branch) in roles else None
 
     @property
     def rows(self) -> int:
@@ -68,7 +88,12 @@ class BatchLayout:
                     f"(cond_or_uncond={list(chunks)}). Feed the video as one latent batch."
                 )
             return cls(chunks, 1, rows // len(chunks))
-        layout = cls(chunks, spec.branches, spec.frames)
+        if spec.roles is not None:
+            layout = cls(tuple(c for c, _ in spec.roles), spec.branches, spec.frames, spec.roles)
+            if [c for c, _ in spec.roles] != list(chunks) and cond_or_uncond:
+                raise LayoutError(f"cond_or_uncond={list(chunks)} does not match the sampler's video roles {list(spec.roles)}.")
+        else:
+            layout = cls(chunks, spec.branches, spec.frames)
         if layout.rows != rows:
             raise LayoutError(
                 f"The UNet call has {rows} rows but the layout expects {len(chunks)} chunks × {spec.branches} "
@@ -77,7 +102,7 @@ class BatchLayout:
         return layout
 
     def video_slice(self, chunk: int, branch: int = 0) -> slice:
-        """Rows of the video at position ``chunk`` (index into ``chunks``) and ``branch``."""
+        """Rows of the video at position ``chunk`` (index into ``chunks``) and ``branch`` (grid layouts)."""
         start = (chunk * self.branches + branch) * self.frames
         return slice(start, start + self.frames)
 

@@ -1,0 +1,90 @@
+"""Word/token alignment of prompt pairs against hand-written references (real CLIP BPE)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vp2p.clip_vocab import clip_tokenizer, find_vocab_source
+from vp2p.prompt_align import (
+    EditKind,
+    hf_encoder,
+    parse_word_values,
+    refine_mapper,
+    replace_mapper,
+    resolve_kind,
+    reweight_vector,
+    tokenize_prompt,
+    word_positions,
+)
+
+pytestmark = pytest.mark.skipif(find_vocab_source() is None, reason="no CLIP vocabulary (pip install --no-deps open_clip_torch)")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = clip_tokenizer()
+    return lambda text: tokenize_prompt(text, hf_encoder(t), 77), t
+
+
+def test_words_map_to_the_prompts_tokens(tok):
+    prompt, t = tok
+    p = prompt("a cat, running")
+    assert p.spans == ((1, 2), (2, 4), (4, 5)) and p.end == 5
+    assert [49406, *p.ids, 49407] == t("a cat, running").input_ids  # word by word == whole prompt
+    assert p.positions("cat") == [2, 3] and p.positions("Running") == [4] and p.positions("dog") == []
+    with pytest.raises(ValueError, match="75"):
+        prompt(" ".join(["cat"] * 80))
+
+
+def test_replace_one_to_one_and_one_to_many(tok):
+    prompt, _ = tok
+    src, tgt = prompt("a cat running"), prompt("a snowleopard running")  # snowleopard = 2 tokens
+    m = replace_mapper(src, tgt)
+    want = torch.zeros(77, 77)
+    want[0, 0] = want[1, 1] = 1  # start, "a"
+    want[2, 2] = want[2, 3] = 0.5  # cat -> snow + leopard, evenly
+    want[3, 4] = 1  # running shifts by one
+    for k in range(77 - 5):  # end token and padding, from each prompt's end
+        want[4 + k, 5 + k] = 1
+    assert torch.equal(m, want)
+    probs = torch.rand(2, 3, 5, 77).softmax(-1)
+    edited = probs @ m
+    assert torch.allclose(edited[..., 3], probs[..., 2] * 0.5) and torch.allclose(edited[..., 4], probs[..., 3])
+
+    same = replace_mapper(src, prompt("a tiger running"))
+    assert torch.equal(same, torch.eye(77))  # equal token counts: a permutation, here the identity
+    with pytest.raises(ValueError, match="refine"):
+        replace_mapper(src, prompt("a big cat running"))
+    assert resolve_kind(EditKind.AUTO, src, prompt("a big cat running")) is EditKind.REFINE
+    assert resolve_kind(EditKind.AUTO, src, tgt) is EditKind.REPLACE
+
+
+def test_refine_aligns_and_marks_new_tokens(tok):
+    prompt, _ = tok
+    src, tgt = prompt("a cat running"), prompt("a big cat running on snow")
+    mapper, alphas = refine_mapper(src, tgt)
+    # target positions: 1 a, 2 big (new), 3 cat, 4 running, 5 on (new), 6 snow (new), 7 end …
+    assert mapper[:5].tolist() == [0, 1, 0, 2, 3] and alphas[:7].tolist() == [1, 1, 0, 1, 1, 0, 0]
+    assert mapper[7:].tolist() == list(range(src.end, src.end + 77 - 7))  # end token and padding, from each end
+    probs = torch.rand(1, 2, 4, 77).softmax(-1)
+    target = torch.rand(1, 2, 4, 77).softmax(-1)
+    edited = probs[..., mapper] * alphas + target * (1 - alphas)
+    assert torch.equal(edited[..., 3], probs[..., 2]) and torch.equal(edited[..., 2], target[..., 2])
+
+
+def test_reweight_and_word_lists(tok):
+    prompt, _ = tok
+    tgt = prompt("a fluffy snowleopard")
+    factors = parse_word_values("fluffy:2, snowleopard: 0.5", "reweight", 0.0, 10.0)
+    eq = reweight_vector(tgt, factors)
+    assert eq[2] == 2 and eq[3] == eq[4] == 0.5 and eq[1] == 1 and eq[0] == 1 and eq[5:].eq(1).all()
+    assert parse_word_values("  ", "reweight", 0, 10) == {}
+    for bad in ("fluffy=2", "fluffy:x", "fluffy:2 snow:1", ":2"):
+        with pytest.raises(ValueError, match="word:number"):
+            parse_word_values(bad, "reweight", 0, 10)
+    with pytest.raises(ValueError, match="out of range"):
+        parse_word_values("fluffy:-1", "reweight", 0, 10)
+    with pytest.raises(ValueError, match="not a word of the target prompt"):
+        reweight_vector(tgt, {"dog": 2.0})
+    assert word_positions(tgt, ["snowleopard", "a"], "blend_target_words", "target") == [3, 4, 1]

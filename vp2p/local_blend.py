@@ -1,0 +1,124 @@
+"""LocalBlend (prompt-to-prompt / Video-P2P): keep the target latent equal to the source
+latent outside the region the blend words attend to.
+
+Masks are per frame, from cross-attention maps of the conditional rows (before any edit):
+for each prompt, the blend words' maps are summed over their tokens, averaged over heads
+and layers (the layers of one resolution: the 16×16-token maps of a 512² SD1.5 video,
+i.e. latent/4; on a model without that resolution, the coarsest non-middle one), by
+default averaged over the steps so far (the reference's behaviour; ``average=False`` uses
+the current step only), 3×3 max-pooled, upsampled (nearest) to the latent, divided by the
+per-(prompt, frame) maximum and thresholded; the source and target masks are united.
+From ``start`` of the steps on, after each step: ``x_tgt ← x_src + M·(x_tgt − x_src)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .keys import LayerKey
+
+PREFERRED_FACTOR = 4  # latent/4: the reference's 16×16 maps at 64² latents
+
+
+@dataclass(frozen=True)
+class LocalBlendSpec:
+    source_positions: tuple[int, ...]
+    target_positions: tuple[int, ...]
+    threshold: float = 0.3
+    start: float = 0.2
+    average: bool = True
+
+
+def grid_of(tokens: int, latent_hw: tuple[int, int]) -> Optional[tuple[int, int, int]]:
+    """(factor, h, w) of a layer with ``tokens`` spatial tokens for a latent of ``latent_hw``
+    (each level halves with ceil, as stride-2 convolutions with padding 1 do)."""
+    h, w = latent_hw
+    factor = 1
+    while h * w >= tokens:
+        if h * w == tokens:
+            return factor, h, w
+        if h == 1 and w == 1:
+            break
+        h, w, factor = math.ceil(h / 2), math.ceil(w / 2), factor * 2
+    return None
+
+
+class LocalBlend:
+    """Collects the blend words' maps during the steps and blends latents after each step."""
+
+    def __init__(self, spec: LocalBlendSpec, frames: int, latent_hw: tuple[int, int], steps: int) -> None:
+        self.spec = spec
+        self.frames = frames
+        self.latent_hw = latent_hw
+        self.steps = steps
+        self.factor: Optional[int] = None  # chosen after the first step
+        self._current: dict[int, list[torch.Tensor]] = {}  # factor -> per-layer maps [2, F, h, w]
+        self._total: Optional[torch.Tensor] = None  # sum over steps of the per-step map [2, F, h, w]
+        self._count = 0
+        self.last_mask: Optional[torch.Tensor] = None
+
+    def wants(self, key: LayerKey, tokens: int) -> bool:
+        """Whether maps of this cross-attention layer are recorded."""
+        if key.block == "middle":
+            return False
+        g = grid_of(tokens, self.latent_hw)
+        return g is not None and (self.factor is None or g[0] == self.factor)
+
+    def record(self, key: LayerKey, p_source: torch.Tensor, p_target: torch.Tensor) -> None:
+        """p_*: [F, H, N, T] fp32 probabilities of the conditional rows of each prompt."""
+        g = grid_of(p_source.shape[2], self.latent_hw)
+        if g is None:
+            return
+        factor, h, w = g
+        maps = []
+        for p, pos in ((p_source, self.spec.source_positions), (p_target, self.spec.target_positions)):
+            m = p[..., list(pos)].sum(-1).mean(1)  # [F, N]
+            maps.append(m.reshape(self.frames, h, w))
+        self._current.setdefault(factor, []).append(torch.stack(maps))
+
+    def end_step(self) -> None:
+        """Close a step's recording (the first one also fixes the resolution used)."""
+        if not self._current:
+            return
+        if self.factor is None:
+            non_preferred = [f for f in self._current if f <= PREFERRED_FACTOR]
+            self.factor = max(non_preferred) if non_preferred else min(self._current)
+        layer_maps = self._current.get(self.factor, [])
+        self._current = {}
+        if not layer_maps:
+            return
+        step_map = torch.stack(layer_maps).mean(0)
+        if self.spec.average:
+            self._total = step_map if self._total is None else self._total + step_map
+            self._count += 1
+        else:
+            self._total, self._count = step_map, 1
+
+    def mask(self) -> Optional[torch.Tensor]:
+        """[F, 1, h, w] bool: union of the thresholded source and target masks (None before any map)."""
+        if self._total is None:
+            return None
+        maps = self._total / self._count  # [2, F, h, w]
+        maps = F.max_pool2d(maps, kernel_size=3, stride=1, padding=1)
+        maps = F.interpolate(maps, size=self.latent_hw, mode="nearest")
+        maps = maps / maps.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
+        return (maps > self.spec.threshold).any(0).unsqueeze(1)
+
+    def applies(self, step: int) -> bool:
+        return step >= int(self.spec.start * self.steps)
+
+    def blend(self, step: int, x_source: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor:
+        """x_*: [F, C, h, w]; returns the blended target latent (unchanged before ``start``)."""
+        if not self.applies(step):
+            return x_target
+        m = self.mask()
+        if m is None:
+            return x_target
+        self.last_mask = m
+        m = m.to(x_target.device)
+        return torch.where(m, x_target, x_source)

@@ -1,0 +1,197 @@
+"""Prompt-to-prompt attention control for a source/target pair of branches (Video-P2P §3.3).
+
+``P2PEdit`` is what a controller node builds once (prompts, token alignment, fractions,
+blend words); ``P2PController`` applies it during one sampling run. Rows are found by the
+layout's roles: branch 0 is the source, branch 1 the target; only the conditional rows
+are edited (uncond rows always run the fast path).
+
+* Cross-attention (``attn2``), while a token's cross-replace window is open: the target's
+  maps are rebuilt from the source's (``replace``: ``P_src @ M``; ``refine``:
+  ``P_src[..., mapper]·α + P_tgt·(1−α)``), then re-weighted; outside the window the target
+  keeps its own maps. Probabilities are built only for the two conditional videos.
+* Self-attention, during the first ``self_replace`` of the steps: the target's maps become
+  the source's, computed as ``SDPA(q_src, k_src, v_tgt)`` (no probability tensor). Which
+  self-attention: ``temporal`` (the reference's behaviour: temporal-attention maps only),
+  ``frame`` (frame attention, on layers of ≤16² tokens per frame as prompt-to-prompt does),
+  or ``both``.
+* LocalBlend maps are recorded from the conditional rows' cross-attention before any edit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+import torch
+
+from .attention import apply_probabilities, attention_probabilities, sdpa
+from .control import ATTN1, ATTN2, TEMPORAL, AttentionCall, AttentionController
+from .errors import SettingsError, parse_option
+from .layout import COND
+from .local_blend import LocalBlend, LocalBlendSpec
+from .prompt_align import EditKind, TokenizedPrompt, refine_mapper, replace_mapper
+from .schedule import Schedule
+
+SOURCE, TARGET = 0, 1
+FRAME_SELF_MAX_TOKENS = 16 * 16
+
+
+class SelfReplace(str, Enum):
+    TEMPORAL = "temporal"
+    FRAME = "frame"
+    BOTH = "both"
+
+    @classmethod
+    def parse(cls, value: "str | SelfReplace") -> "SelfReplace":
+        return parse_option(cls, value, "self_replace_attention", "a self-attention choice")
+
+
+@dataclass
+class P2PEdit:
+    """A prompt-to-prompt edit, independent of the sampler.
+
+    source_cond/target_cond: [1, T, D] text embeddings of the two prompts; ``mapper`` is
+    [T, T] (replace) or [T] long (refine) with ``alphas`` [T]; ``reweight`` [T] or None;
+    ``cross_words``: target token position -> its own cross-replace fraction.
+    """
+
+    source: TokenizedPrompt
+    target: TokenizedPrompt
+    source_cond: torch.Tensor
+    target_cond: torch.Tensor
+    kind: EditKind
+    cross_replace: float = 0.4
+    self_replace: float = 0.4
+    self_attention: SelfReplace = SelfReplace.TEMPORAL
+    cross_words: dict[int, float] = field(default_factory=dict)
+    reweight: Optional[torch.Tensor] = None
+    blend: Optional[LocalBlendSpec] = None
+    mapper: torch.Tensor = field(init=False)
+    alphas: Optional[torch.Tensor] = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        for name in ("cross_replace", "self_replace"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise SettingsError(f"{name}={value} is a fraction of the steps; use a number between 0 and 1.")
+        if self.kind is EditKind.REPLACE:
+            self.mapper = replace_mapper(self.source, self.target)
+        elif self.kind is EditKind.REFINE:
+            self.mapper, self.alphas = refine_mapper(self.source, self.target)
+        else:
+            raise SettingsError("P2PEdit needs a resolved edit kind (replace or refine), not auto.")
+        t = self.source.context
+        for c in (self.source_cond, self.target_cond):
+            if c.dim() != 3 or c.shape[0] != 1 or c.shape[1] != t:
+                raise SettingsError(f"Prompt embeddings must be [1, {t}, D] (one {t}-token sequence); got {list(c.shape)}.")
+
+    @property
+    def identity(self) -> bool:
+        """Whether the edit changes nothing (no window, no re-weighting, no blending)."""
+        return (self.cross_replace == 0 and not any(self.cross_words.values()) and self.self_replace == 0
+                and self.reweight is None and self.blend is None)
+
+    def cross_alpha(self, steps: int) -> torch.Tensor:
+        """[S, T]: 1 where a target token's cross-attention is taken from the source at a step."""
+        t = self.source.context
+        alpha = torch.zeros(steps, t)
+        alpha[: int(self.cross_replace * steps)] = 1.0
+        for pos, frac in self.cross_words.items():
+            alpha[:, pos] = 0.0
+            alpha[: int(frac * steps), pos] = 1.0
+        return alpha
+
+    def self_steps(self, steps: int) -> int:
+        return int(self.self_replace * steps)
+
+    def edit_cross(self, p_source: torch.Tensor, p_target: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """p_*: [F, H, N, T] fp32, alpha [T] -> the target's maps."""
+        if self.kind is EditKind.REPLACE:
+            replaced = p_source @ self.mapper.to(p_source)
+        else:
+            a = self.alphas.to(p_source)
+            replaced = p_source[..., self.mapper.to(p_source.device)] * a + p_target * (1 - a)
+        if self.reweight is not None:
+            replaced = replaced * self.reweight.to(p_source)
+        alpha = alpha.to(p_source)
+        return replaced * alpha + p_target * (1 - alpha)
+
+
+class P2PController(AttentionController):
+    """Runs a ``P2PEdit`` during one sampling run over ``schedule`` (steps found by sigma)."""
+
+    def __init__(self, edit: P2PEdit, schedule: Schedule, blend: Optional[LocalBlend] = None) -> None:
+        self.edit = edit
+        self.schedule = schedule
+        self.blend = blend
+        self.alpha = edit.cross_alpha(schedule.steps)
+        self.self_until = edit.self_steps(schedule.steps)
+
+    # -- what a step needs ------------------------------------------------------------------
+    def needs_source(self, step: int) -> bool:
+        """Whether the target rows read the source's conditional rows at ``step``."""
+        return bool(self.alpha[step].any()) or step < self.self_until or self.blend is not None
+
+    def _step(self, call: AttentionCall) -> int:
+        if call.sigmas is None:
+            raise SettingsError("The attention call carries no sigmas; the P2P controller identifies steps by sigma.")
+        return self.schedule.step_index(call.sigmas)
+
+    # -- the hook --------------------------------------------------------------------------
+    def override(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+        src, tgt = call.layout.video_of(COND, SOURCE), call.layout.video_of(COND, TARGET)
+        if src is None or tgt is None:
+            return None
+        step = self._step(call)
+        per = q.shape[0] // call.layout.videos  # attention rows per video
+        rows = {v_: slice(v_ * per, (v_ + 1) * per) for v_ in (src, tgt)}
+        if call.kind == ATTN2:
+            cross = bool(self.alpha[step].any())
+            record = self.blend is not None and self.blend.wants(call.key, q.shape[1])
+            if not cross and not record:
+                return None
+            p_src = attention_probabilities(q[rows[src]], k[rows[src]], call.heads)
+            p_tgt = attention_probabilities(q[rows[tgt]], k[rows[tgt]], call.heads)
+            if record:
+                self.blend.record(call.key, p_src, p_tgt)
+            edited = self.edit.edit_cross(p_src, p_tgt, self.alpha[step]) if cross else p_tgt
+            out = self._rest(call, q, k, v, (src, tgt), per)
+            out[rows[src]] = apply_probabilities(p_src, v[rows[src]], call.heads)
+            out[rows[tgt]] = apply_probabilities(edited, v[rows[tgt]], call.heads)
+            return out
+        if step >= self.self_until or not self._self_applies(call, q):
+            return None
+        out = self._rest(call, q, k, v, (tgt,), per)
+        out[rows[tgt]] = sdpa(q[rows[src]], k[rows[src]], v[rows[tgt]], call.heads)
+        return out
+
+    def _self_applies(self, call: AttentionCall, q: torch.Tensor) -> bool:
+        which = self.edit.self_attention
+        if call.kind == TEMPORAL:
+            return which in (SelfReplace.TEMPORAL, SelfReplace.BOTH)
+        if call.kind == ATTN1 and which in (SelfReplace.FRAME, SelfReplace.BOTH):
+            tokens = q.shape[1] // (call.layout.frames if q.shape[0] == call.layout.videos else 1)
+            return tokens <= FRAME_SELF_MAX_TOKENS
+        return False
+
+    @staticmethod
+    def _rest(call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, skip: tuple[int, ...], per: int) -> torch.Tensor:
+        """The plain attention of every video except ``skip`` (whose rows the caller fills)."""
+        out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=v.dtype, device=v.device)
+        keep = [i for i in range(call.layout.videos) if i not in skip]
+        for start, end in _runs(keep):
+            sl = slice(start * per, (end + 1) * per)
+            out[sl] = sdpa(q[sl], k[sl], v[sl], call.heads)
+        return out
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of sorted indices: [0, 1, 3] -> [(0, 1), (3, 3)]."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs

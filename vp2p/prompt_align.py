@@ -1,0 +1,205 @@
+"""Word ↔ token alignment of two prompts (prompt-to-prompt's edit kinds).
+
+A prompt is tokenised word by word with the model's own CLIP tokenizer (CLIP's BPE splits
+on whitespace first, so the concatenation of the words' tokens is the prompt's tokens; the
+host checks that). Positions count the start token: the first word's first token is at 1.
+
+* ``replace`` (word swap): both prompts have the same number of words; a swapped word's
+  tokens take the source word's attention, a one-to-many token swap spreads it evenly.
+  Expressed as a matrix ``M [T, T]``: target maps = source maps @ M.
+* ``refine``: a global alignment of the two token sequences; an aligned target token takes
+  its source token's attention, a new token keeps the target's own (``alphas`` 0).
+* ``reweight``: a per-token factor on the target's cross-attention.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import SettingsError, parse_option
+
+# word -> its BPE token ids (no start/end tokens)
+Encode = Callable[[str], list[int]]
+
+
+class EditKind(str, Enum):
+    AUTO = "auto"
+    REPLACE = "replace"
+    REFINE = "refine"
+
+    @classmethod
+    def parse(cls, value: "str | EditKind") -> "EditKind":
+        return parse_option(cls, value, "edit", "an edit kind")
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """``words`` and each word's token positions ``spans[i] = (start, end)`` (end exclusive);
+    ``ids`` are the prompt's token ids without start/end tokens; ``context`` is the
+    tokenizer's sequence length (77 for CLIP)."""
+
+    text: str
+    words: tuple[str, ...]
+    spans: tuple[tuple[int, int], ...]
+    ids: tuple[int, ...]
+    context: int
+
+    @property
+    def end(self) -> int:
+        """Position of the end token."""
+        return 1 + len(self.ids)
+
+    def positions(self, word: str) -> list[int]:
+        """Token positions of every occurrence of ``word`` (case-insensitive, punctuation ignored)."""
+        want = _norm(word)
+        return [p for w, (a, b) in zip(self.words, self.spans) if _norm(w) == want for p in range(a, b)]
+
+
+def _norm(word: str) -> str:
+    return re.sub(r"[^\w]", "", word.lower())
+
+
+def tokenize_prompt(text: str, encode: Encode, context: int) -> TokenizedPrompt:
+    """Split ``text`` into words and their token positions; refuse prompts beyond ``context``."""
+    words = tuple(text.split())
+    spans, ids, pos = [], [], 1
+    for w in words:
+        tok = list(encode(w))
+        spans.append((pos, pos + len(tok)))
+        ids += tok
+        pos += len(tok)
+    if len(ids) + 2 > context:
+        raise SettingsError(
+            f"The prompt {text[:60]!r}… has {len(ids)} tokens; the text encoder takes {context - 2} (plus start and end). "
+            "Shorten it: prompt-to-prompt aligns one sequence of tokens."
+        )
+    return TokenizedPrompt(text, words, tuple(spans), tuple(ids), context)
+
+
+def words_align(source: TokenizedPrompt, target: TokenizedPrompt) -> bool:
+    """Whether a word swap applies: the same number of words."""
+    return len(source.words) == len(target.words)
+
+
+def resolve_kind(kind: EditKind, source: TokenizedPrompt, target: TokenizedPrompt) -> EditKind:
+    if kind is EditKind.AUTO:
+        return EditKind.REPLACE if words_align(source, target) else EditKind.REFINE
+    if kind is EditKind.REPLACE and not words_align(source, target):
+        raise SettingsError(
+            f"edit=replace swaps words one for one, but the source has {len(source.words)} words and the target "
+            f"{len(target.words)} ({source.text!r} → {target.text!r}). Use edit=refine (or auto) for added or removed words."
+        )
+    return kind
+
+
+def replace_mapper(source: TokenizedPrompt, target: TokenizedPrompt) -> torch.Tensor:
+    """M [T, T] with target maps = source maps @ M (word swap)."""
+    resolve_kind(EditKind.REPLACE, source, target)
+    t = source.context
+    m = torch.zeros(t, t)
+    m[0, 0] = 1.0
+    for (sa, sb), (ta, tb) in zip(source.spans, target.spans):
+        if sb - sa == tb - ta:
+            idx = torch.arange(sb - sa)
+            m[sa + idx, ta + idx] = 1.0
+        elif tb > ta:  # one-to-many (or many-to-one): the source word's attention spread evenly
+            m[sa:sb, ta:tb] = 1.0 / (tb - ta)
+    _pair_tails(m, source.end, target.end, t)
+    return m
+
+
+def _pair_tails(m: torch.Tensor, s: int, t: int, context: int) -> None:
+    """End token and padding: aligned position by position from each prompt's end."""
+    while s < context and t < context:
+        m[s, t] = 1.0
+        s, t = s + 1, t + 1
+
+
+def refine_mapper(source: TokenizedPrompt, target: TokenizedPrompt) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mapper [T] long: the source position each target position reads, alphas [T]: 1 where
+    aligned, 0 for the target's new tokens)."""
+    pairs = _global_alignment(source.ids, target.ids)
+    t = source.context
+    mapper = torch.zeros(t, dtype=torch.long)
+    alphas = torch.ones(t)
+    for j in range(len(target.ids)):
+        i = pairs[j]
+        if i is None:
+            alphas[1 + j] = 0.0
+        else:
+            mapper[1 + j] = 1 + i
+    for k, j in enumerate(range(target.end, t)):
+        mapper[j] = min(source.end + k, t - 1)
+    return mapper, alphas
+
+
+def _global_alignment(a: Sequence[int], b: Sequence[int], match: int = 1, mismatch: int = -1, gap: int = 0) -> list:
+    """Needleman–Wunsch: for each element of ``b`` the index of its matched element of ``a``
+    (equal tokens only), or None."""
+    n, m = len(a), len(b)
+    score = [[0] * (m + 1) for _ in range(n + 1)]
+    for i in range(1, n + 1):
+        score[i][0] = i * gap
+    for j in range(1, m + 1):
+        score[0][j] = j * gap
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            diag = score[i - 1][j - 1] + (match if a[i - 1] == b[j - 1] else mismatch)
+            score[i][j] = max(diag, score[i - 1][j] + gap, score[i][j - 1] + gap)
+    out: list = [None] * m
+    i, j = n, m
+    while i > 0 and j > 0:
+        diag = score[i - 1][j - 1] + (match if a[i - 1] == b[j - 1] else mismatch)
+        if score[i][j] == diag:
+            if a[i - 1] == b[j - 1]:
+                out[j - 1] = i - 1
+            i, j = i - 1, j - 1
+        elif score[i][j] == score[i - 1][j] + gap:
+            i -= 1
+        else:
+            j -= 1
+    return out
+
+
+def parse_word_values(text: str, option: str, low: float, high: float) -> dict[str, float]:
+    """``"word:2.0, other:0.5"`` -> {"word": 2.0, "other": 0.5}; empty -> {}."""
+    out: dict[str, float] = {}
+    for part in [p.strip() for p in text.split(",") if p.strip()]:
+        match = re.fullmatch(r"([^:\s]+)\s*:\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)", part)
+        if match is None:
+            raise SettingsError(f"{option}: {part!r} is not 'word:number'. Write pairs like 'cat:2.0, dog:0.5'.")
+        value = float(match.group(2))
+        if not low <= value <= high:
+            raise SettingsError(f"{option}: {part!r} is out of range; use numbers between {low} and {high}.")
+        out[match.group(1)] = value
+    return out
+
+
+def word_positions(prompt: TokenizedPrompt, words: Sequence[str], option: str, which: str) -> list[int]:
+    """Token positions of ``words`` in ``prompt``; an absent word is an error naming the prompt's words."""
+    out: list[int] = []
+    for w in words:
+        pos = prompt.positions(w)
+        if not pos:
+            raise SettingsError(f"{option}: {w!r} is not a word of the {which} prompt {prompt.text!r} "
+                                f"(its words: {', '.join(prompt.words)}).")
+        out += pos
+    return out
+
+
+def reweight_vector(target: TokenizedPrompt, factors: dict[str, float]) -> torch.Tensor:
+    """[T] factors on the target's cross-attention (1 elsewhere)."""
+    eq = torch.ones(target.context)
+    for word, f in factors.items():
+        eq[word_positions(target, [word], "reweight", "target")] = f
+    return eq
+
+
+def hf_encoder(tokenizer: object) -> Encode:
+    """``Encode`` for a Hugging Face CLIP tokenizer (no start/end tokens)."""
+    return lambda word: list(tokenizer(word, add_special_tokens=False).input_ids)  # type: ignore[operator]
