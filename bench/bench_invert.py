@@ -94,6 +94,9 @@ def main() -> None:
                 hist[n] = hist.get(n, 0) + 1
             row = {"mode": mode, "seconds": round(seconds, 3), "unet_forward": fwd, "unet_backward": bwd,
                    "reconstruction_psnr_db": round(psnr, 2), "early_stop_histogram": dict(sorted(hist.items()))}
+            if m is InversionMode.DDIM_ONLY:  # the same inversion sampled at cfg 7.5 with the initial embedding
+                plain = reconstruct(den, traj[0], cond, schedule, 7.5, empty.unsqueeze(0).expand(args.steps, -1, -1, -1))
+                row["psnr_at_cfg7.5_without_null_text_db"] = round(float(10 * torch.log10(latents.abs().max() ** 2 / (plain - latents).pow(2).mean())), 2)
             if device.type == "cuda":
                 row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             rows.append(row)
