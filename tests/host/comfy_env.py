@@ -134,3 +134,21 @@ def inflated(pack: Any, model: Any, frame_attention: str = "first_frame", tempor
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         node = nodes_of(pack)["VP2P_InflateT2S"]
         return node.execute(model=model, frame_attention=frame_attention, temporal_attention=temporal).result[0]
+
+
+def make_clip(seed: int = 0) -> Any:
+    """A random-weight SD1.x CLIP-L (ComfyUI's own class and loader, the real SD1 tokenizer)."""
+    import comfy.sd
+
+    from tests.host.checkpoint import _clip_state_dict
+
+    with torch.inference_mode():
+        return comfy.sd.load_text_encoder_state_dicts([_clip_state_dict(seed)], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+
+
+def encode(clip: Any, text: str) -> list:
+    """CONDITIONING of ``text`` exactly as ComfyUI's CLIP Text Encode node makes it."""
+    import nodes
+
+    with torch.inference_mode():
+        return nodes.CLIPTextEncode().encode(clip, text)[0]

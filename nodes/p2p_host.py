@@ -1,0 +1,129 @@
+"""Prompt-to-prompt in ComfyUI: tokenising with the connected CLIP's own tokenizer, building
+the ``P2PEdit`` (``VP2P_CONTROL``), and the decoupled sampler's UNet calls.
+
+The sampler composes its own batch (source/target × cond/uncond, explicit roles) and calls
+the MODEL's wrapper directly, so the T2S patch and the controller see the layout they need;
+ComfyUI's own patches on the MODEL (LoRA weights, other attention replaces) still apply.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import comfy.model_management
+import torch
+
+from ..vp2p import RUN_STATE_KEY, RunState, SettingsError
+from ..vp2p.edit import EditInputs, EditResult, Guidance, decoupled_edit
+from ..vp2p.inversion_file import Inversion, InversionFileError
+from ..vp2p.local_blend import LocalBlend, LocalBlendSpec
+from ..vp2p.p2p import P2PController, P2PEdit, SelfReplace
+from ..vp2p.prompt_align import EditKind, TokenizedPrompt, parse_word_values, resolve_kind, reweight_vector, tokenize_prompt, word_positions
+from .model_facts import model_fingerprint
+
+log = logging.getLogger("VideoP2P")
+
+
+def clip_word_tokenizer(clip: Any) -> tuple[Callable[[str], list[int]], int]:
+    """(encode a word -> its BPE ids, context length) from a CLIP's own tokenizer (SD1.x/SD2.x)."""
+    outer = getattr(clip, "tokenizer", None)
+    inner = getattr(outer, getattr(outer, "clip", ""), None)
+    hf = getattr(inner, "tokenizer", None)
+    if hf is None or not hasattr(inner, "max_length"):
+        raise SettingsError(
+            f"The P2P controller needs an SD1.x/SD2.x CLIP (one CLIP-L or CLIP-H text encoder); this CLIP's tokenizer is "
+            f"{type(outer).__name__}. Connect the CLIP of the checkpoint the video is edited with."
+        )
+    return (lambda word: list(hf(word, add_special_tokens=False)["input_ids"])), int(inner.max_length)
+
+
+def encode_prompt(clip: Any, prompt: TokenizedPrompt) -> torch.Tensor:
+    """[1, T, D] embedding of ``prompt`` with the CLIP, checking that its tokens are the words' tokens."""
+    tokens = clip.tokenize(prompt.text)
+    ids = [t[0] for t in next(iter(tokens.values()))[0]]
+    body = ids[1:1 + len(prompt.ids)]
+    if len(next(iter(tokens.values()))) != 1 or body != list(prompt.ids):
+        raise SettingsError(
+            f"The prompt {prompt.text!r} does not tokenise word by word (weights like '(word:1.2)', embeddings or "
+            "special syntax change its tokens). Use plain text; re-weight words with the reweight input instead."
+        )
+    cond = clip.encode_from_tokens(tokens)
+    return cond.detach().float().cpu()
+
+
+def build_edit(clip: Any, source_prompt: str, target_prompt: str, edit: str, cross_replace: float, self_replace: float,
+               blend_source_words: str, blend_target_words: str, blend_threshold: float, reweight: str,
+               cross_replace_words: str = "", self_replace_attention: str = "temporal", blend_start: float = 0.2,
+               blend_average: bool = True) -> P2PEdit:
+    encode, context = clip_word_tokenizer(clip)
+    src = tokenize_prompt(source_prompt, encode, context)
+    tgt = tokenize_prompt(target_prompt, encode, context)
+    if not src.words or not tgt.words:
+        raise SettingsError("Both prompts need at least one word: the source describes the video, the target the edit.")
+    kind = resolve_kind(EditKind.parse(edit), src, tgt)
+    factors = parse_word_values(reweight, "reweight", 0.0, 10.0)
+    cross_words: dict[int, float] = {}
+    for word, frac in parse_word_values(cross_replace_words, "cross_replace_words", 0.0, 1.0).items():
+        for pos in word_positions(tgt, [word], "cross_replace_words", "target"):
+            cross_words[pos] = frac
+    blend = None
+    src_words, tgt_words = blend_source_words.replace(",", " ").split(), blend_target_words.replace(",", " ").split()
+    if src_words or tgt_words:
+        if not 0.0 <= blend_threshold <= 1.0:
+            raise SettingsError(f"blend_threshold={blend_threshold} must be between 0 and 1 (0.3 as in Video-P2P).")
+        blend = LocalBlendSpec(tuple(word_positions(src, src_words, "blend_source_words", "source")),
+                               tuple(word_positions(tgt, tgt_words, "blend_target_words", "target")),
+                               threshold=float(blend_threshold), start=float(blend_start), average=bool(blend_average))
+    return P2PEdit(src, tgt, encode_prompt(clip, src), encode_prompt(clip, tgt), kind, cross_replace=float(cross_replace),
+                   self_replace=float(self_replace), self_attention=SelfReplace.parse(self_replace_attention),
+                   cross_words=cross_words, reweight=reweight_vector(tgt, factors) if factors else None, blend=blend)
+
+
+def check_consistency(model: Any, inversion: Inversion, edit: P2PEdit) -> None:
+    """The inversion must come from this MODEL and the controller's source prompt."""
+    if not isinstance(inversion, Inversion):
+        raise SettingsError(f"inversion must come from 'Shared Null-Text Invert' or 'Load Inversion'; got {type(inversion).__name__}.")
+    fp = model_fingerprint(model)
+    if fp != inversion.model_fingerprint:
+        raise InversionFileError(
+            f"The inversion was made with a different model (fingerprint {inversion.model_fingerprint[:12]}…, this MODEL "
+            f"{fp[:12]}…). Connect the same MODEL to the inverter and the sampler (checkpoint, LoRAs, inflation, tuning)."
+        )
+    cond = inversion.cond
+    same = cond.shape[1:] == edit.source_cond.shape[1:] and torch.allclose(cond.float(), edit.source_cond.expand_as(cond).float(),
+                                                                           atol=1e-3, rtol=1e-3)
+    if not same:
+        raise SettingsError(
+            f"The controller's source prompt {edit.source.text!r} is not the prompt the video was inverted with. Use the "
+            "same text (and CLIP) in the controller's source_prompt and the inverter's positive conditioning."
+        )
+
+
+def run_edit(model: Any, inversion: Inversion, edit: P2PEdit, cfg: float, guidance: Guidance, reuse: bool = True,
+             callback: Optional[Callable[[int, torch.Tensor], None]] = None) -> tuple[EditResult, Optional[LocalBlend]]:
+    """Run the decoupled sampler on ``model``; returns the result (model space) and the blend used."""
+    frames = inversion.frames
+    comfy.model_management.load_models_gpu([model])
+    device = model.load_device
+    base_options = model.model_options.get("transformer_options", {})
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, cond_or_uncond: list[int], run: RunState) -> torch.Tensor:
+        to = base_options.copy()
+        to["cond_or_uncond"] = list(cond_or_uncond)
+        to["sigmas"] = sigma
+        to[RUN_STATE_KEY] = run
+        return model.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to)
+
+    sched = inversion.schedule
+    inputs = EditInputs(
+        z_t=inversion.z_t.to(device), schedule=sched, cond=inversion.cond.to(device),
+        null_embeddings=None if inversion.null_embeddings is None else inversion.null_embeddings.to(device),
+        negative=(inversion.negative if inversion.negative is not None else inversion.cond).to(device),
+        cfg=inversion.cfg, source_path=None if inversion.source_path is None else inversion.source_path.to(device))
+    blend = LocalBlend(edit.blend, frames, tuple(inversion.latent_shape[-2:]), sched.steps) if edit.blend is not None else None
+    controller = P2PController(edit, sched, blend)
+    with torch.inference_mode():
+        result = decoupled_edit(denoise, inputs, edit.target_cond.to(device), cfg, guidance, controller, blend, reuse=reuse,
+                                on_step=callback, should_stop=comfy.model_management.throw_exception_if_processing_interrupted)
+    return result, blend

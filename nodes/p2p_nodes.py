@@ -1,0 +1,143 @@
+"""Nodes ``VP2P_P2PController`` "P2P Controller" and ``VP2P_DecoupledSampler`` "Decoupled Sampler"."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from ..vp2p.edit import Guidance
+from ..vp2p.p2p import SelfReplace
+from ..vp2p.prompt_align import EditKind
+from .invert_nodes import Inversion
+
+log = logging.getLogger("VideoP2P")
+
+Control = io.Custom("VP2P_CONTROL")
+
+EDIT_HELP = (
+    "replace: swap words one for one ('a cat' → 'a tiger'; same number of words, a word may become several tokens). "
+    "refine: add or change words ('a cat' → 'a fluffy cat'); aligned tokens keep the source's attention, new ones use "
+    "their own. auto: replace when the prompts have the same number of words, else refine."
+)
+GUIDANCE_HELP = (
+    "decoupled (Video-P2P): the source branch uses the optimised null embeddings, the target the initial negative one: "
+    "faithful source, strong edits. shared_null (prompt-to-prompt): the optimised embeddings for both. fast: the source "
+    "branch conditional only (pairs with a ddim_only inversion), the target with cfg."
+)
+
+
+class P2PController(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VP2P_P2PController",
+            display_name="P2P Controller",
+            category="video_p2p/edit",
+            description=(
+                "Describes a prompt-to-prompt edit of the inverted video: the source prompt (the one it was inverted with), "
+                "the target prompt, and how the target's attention is taken from the source's. Only this node and the "
+                "sampler re-run when you change the target."
+            ),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP of the checkpoint (its own tokenizer aligns the words)."),
+                io.String.Input("source_prompt", multiline=True, default="a cat is running on the grass",
+                                tooltip="Exactly the prompt the video was inverted with."),
+                io.String.Input("target_prompt", multiline=True, default="a tiger is running on the grass",
+                                tooltip="The edited description: swap, add or re-weight words."),
+                io.Combo.Input("edit", options=[k.value for k in EditKind], default=EditKind.AUTO.value, tooltip=EDIT_HELP),
+                io.Float.Input("cross_replace", default=0.4, min=0.0, max=1.0, step=0.05,
+                               tooltip="Fraction of the steps during which the target's cross-attention is taken from the "
+                                       "source (layout kept). More keeps more of the source's structure (paper: 0.4)."),
+                io.Float.Input("self_replace", default=0.4, min=0.0, max=1.0, step=0.05,
+                               tooltip="Fraction of the steps during which the target's self-attention maps are the "
+                                       "source's (motion and shape kept); see self_replace_attention."),
+                io.String.Input("blend_source_words", default="",
+                                tooltip="Local blend: words of the source prompt whose region may change (e.g. 'cat'). "
+                                        "Empty (with empty target words): no local blend, the whole frame may change."),
+                io.String.Input("blend_target_words", default="",
+                                tooltip="Local blend: words of the target prompt whose region may change (e.g. 'tiger'). "
+                                        "Outside the union of both regions each frame keeps the source exactly."),
+                io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="Local blend mask threshold on the normalised attention (0.3 in Video-P2P); lower "
+                                       "grows the edited region. See 'Attention Maps' to choose."),
+                io.String.Input("reweight", default="",
+                                tooltip="Scale words' cross-attention in the target while it is replaced, e.g. "
+                                        "'fluffy:2.0, grass:0.5'. Words must be in the target prompt. Empty: none."),
+                io.String.Input("cross_replace_words", default="", optional=True,
+                                tooltip="Per-word cross_replace fractions for target words, e.g. 'tiger:0.6'."),
+                io.Combo.Input("self_replace_attention", options=[s.value for s in SelfReplace], default=SelfReplace.TEMPORAL.value,
+                               optional=True,
+                               tooltip="Which self-attention self_replace acts on. temporal (the reference Video-P2P's "
+                                       "behaviour): the temporal-attention maps only. frame: frame attention (layers of "
+                                       "≤16² tokens, as prompt-to-prompt). both."),
+                io.Float.Input("blend_start", default=0.2, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="Local blend applies from this fraction of the steps on (0.2 in Video-P2P)."),
+                io.Boolean.Input("blend_average", default=True, optional=True,
+                                 tooltip="Masks from attention averaged over the steps so far (the reference's behaviour); "
+                                         "off: the current step's attention only."),
+            ],
+            outputs=[Control.Output("control", tooltip="The edit, for the Decoupled Sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, source_prompt: str, target_prompt: str, edit: str, cross_replace: float, self_replace: float,
+                blend_source_words: str, blend_target_words: str, blend_threshold: float, reweight: str,
+                cross_replace_words: str = "", self_replace_attention: str = "temporal", blend_start: float = 0.2,
+                blend_average: bool = True) -> io.NodeOutput:
+        from .p2p_host import build_edit
+
+        p2p = build_edit(clip, source_prompt, target_prompt, edit, cross_replace, self_replace, blend_source_words,
+                         blend_target_words, blend_threshold, reweight, cross_replace_words, self_replace_attention,
+                         blend_start, blend_average)
+        log.info("P2P Controller: %s, %r → %r", p2p.kind.value, p2p.source.text, p2p.target.text)
+        return io.NodeOutput(p2p)
+
+
+class DecoupledSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VP2P_DecoupledSampler",
+            display_name="Decoupled Sampler",
+            category="video_p2p/edit",
+            description=(
+                "Edits the video: DDIM from the inverted noise over the inversion's steps, source and target branches in "
+                "one UNet call per step, the controller editing the target's attention from the source's. The source branch "
+                "is taken from the inversion where it already holds it."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL the video was inverted with (checked)."),
+                Inversion.Input("inversion", tooltip="From 'Shared Null-Text Invert' or 'Load Inversion'."),
+                Control.Input("control", tooltip="From 'P2P Controller'."),
+                io.Float.Input("cfg", default=7.5, min=1.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Guidance scale of the target branch (the source uses the inversion's)."),
+                io.Combo.Input("guidance", options=[g.value for g in Guidance], default=Guidance.DECOUPLED.value,
+                               tooltip=GUIDANCE_HELP),
+            ],
+            outputs=[
+                io.Latent.Output("edited", tooltip="The edited video (VAE Decode it)."),
+                io.Latent.Output("source", tooltip="The source branch: the reconstruction of the input video."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion, control, cfg: float, guidance: str) -> io.NodeOutput:
+        import latent_preview
+
+        from ..vp2p import SettingsError
+        from ..vp2p.p2p import P2PEdit
+        from .p2p_host import check_consistency, run_edit
+
+        if not isinstance(control, P2PEdit):
+            raise SettingsError(f"control must come from 'P2P Controller'; got {type(control).__name__}.")
+        check_consistency(model, inversion, control)
+        mode = Guidance.parse(guidance)
+        if mode is not Guidance.FAST and inversion.null_embeddings is None:
+            log.info("Decoupled Sampler: a %s inversion has no null embeddings; the source branch runs conditional only.",
+                     inversion.mode.value)
+        preview = latent_preview.prepare_callback(model, inversion.schedule.steps)
+        result, _ = run_edit(model, inversion, control, float(cfg), mode,
+                             callback=lambda i, x: preview(i, x, x, inversion.schedule.steps))
+        fmt = model.model.latent_format
+        return io.NodeOutput({"samples": fmt.process_out(result.edited.cpu())}, {"samples": fmt.process_out(result.source.cpu())})

@@ -1,0 +1,142 @@
+"""ComfyUI host: P2P Controller + Decoupled Sampler on real ComfyUI models and a real SD1 CLIP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.host.comfy_env import comfy_eps, encode, host_module, inflated, make_clip, nodes_of
+
+FRAMES = 3
+STEPS = 3
+SOURCE = "a cat running"
+
+
+@pytest.fixture(scope="module")
+def clip(comfy_path):
+    return make_clip(0)
+
+
+def video(seed=0, frames=FRAMES, h=8, w=8):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, 4, h, w, generator=g) + 0.3 * torch.randn(frames, 4, h, w, generator=g)) * 5.0
+
+
+def controller(pack, clip, target="a tiger running", **kw):
+    args = dict(source_prompt=SOURCE, target_prompt=target, edit="auto", cross_replace=0.4, self_replace=0.4,
+                blend_source_words="", blend_target_words="", blend_threshold=0.3, reweight="")
+    args.update(kw)
+    with torch.inference_mode():
+        return nodes_of(pack)["VP2P_P2PController"].execute(clip=clip, **args).result[0]
+
+
+def invert(pack, model, clip, latents, mode="shared_null_text"):
+    with torch.inference_mode():
+        return nodes_of(pack)["VP2P_NullTextInvert"].execute(
+            model=model, positive=encode(clip, SOURCE), negative=encode(clip, ""), latent={"samples": latents}, steps=STEPS,
+            cfg=7.5, mode=mode, inner_steps=2, early_stop=1e-5, store_attention=False, use_cache=False).result
+
+
+def sample(pack, model, inv, control, guidance="decoupled", cfg=7.5):
+    with torch.inference_mode():
+        return nodes_of(pack)["VP2P_DecoupledSampler"].execute(model=model, inversion=inv, control=control, cfg=cfg,
+                                                              guidance=guidance).result
+
+
+@pytest.fixture(scope="module")
+def edited_setup(pack, small_models, clip):
+    _, base = small_models
+    model = inflated(pack, base)
+    latents = video()
+    inv, _ = invert(pack, model, clip, latents)
+    return model, latents, inv
+
+
+def test_edit_end_to_end_and_identity(pack, edited_setup, clip):
+    model, latents, inv = edited_setup
+    x, ctx = torch.randn(FRAMES, 4, 8, 8), torch.randn(FRAMES, 7, 768)
+    before = comfy_eps(model, x, 400, ctx)
+    edited, source = sample(pack, model, inv, controller(pack, clip))
+    assert edited["samples"].shape == latents.shape and source["samples"].shape == latents.shape
+    assert not torch.allclose(edited["samples"], source["samples"], atol=1e-2)
+    # the source output is the inversion's reconstruction (its null-text walk)
+    walk_end = model.model.latent_format.process_out(inv.source_path[-1] / torch.sqrt(1 + inv.schedule.sigmas[-1] ** 2))
+    torch.testing.assert_close(source["samples"], walk_end, atol=1e-4, rtol=1e-4)
+    # identity: target == source with shared null reproduces the source
+    same, src = sample(pack, model, inv, controller(pack, clip, target=SOURCE), guidance="shared_null")
+    torch.testing.assert_close(same["samples"], src["samples"], atol=1e-3, rtol=1e-3)
+    assert torch.equal(comfy_eps(model, x, 400, ctx), before)  # the input MODEL is untouched
+
+
+def test_reuse_equals_full_and_local_blend_is_exact_outside(pack, edited_setup, clip):
+    model, latents, inv = edited_setup
+    host = host_module(pack, "p2p_host")
+    guidance = pack.vp2p.edit.Guidance.DECOUPLED
+    edit = controller(pack, clip, blend_source_words="cat", blend_target_words="tiger", blend_threshold=0.99)
+    with torch.inference_mode():
+        full, blend = host.run_edit(model, inv, edit, 7.5, guidance, reuse=False)
+        reused, _ = host.run_edit(model, inv, edit, 7.5, guidance, reuse=True)
+    torch.testing.assert_close(reused.edited, full.edited, atol=1e-4, rtol=1e-4)
+    assert full.rows == [4 * FRAMES] * STEPS and reused.rows == [3 * FRAMES] * STEPS
+    m = blend.last_mask.expand_as(full.edited)
+    assert 0 < m.sum() < m.numel()
+    assert torch.equal(full.edited[~m.cpu()], full.source[~m.cpu()])
+    plain = controller(pack, clip, cross_replace=0.4, self_replace=0.0)
+    with torch.inference_mode():
+        res, _ = host.run_edit(model, inv, plain, 7.5, guidance, reuse=True)
+    assert res.rows == [3 * FRAMES] + [2 * FRAMES] * (STEPS - 1)  # source rows only while cross-attention is replaced
+
+
+def test_same_edit_as_the_diffusers_host(pack, small_models, edited_setup, clip):
+    """The ComfyUI adapter and the diffusers adapter give the same edit on the same weights."""
+    import importlib
+
+    unet, _ = small_models
+    model, latents, inv = edited_setup
+    edit = controller(pack, clip)
+    host = host_module(pack, "p2p_host")
+    with torch.inference_mode():
+        comfy_res, _ = host.run_edit(model, inv, edit, 7.5, pack.vp2p.edit.Guidance.DECOUPLED)
+    vp = pack.vp2p
+    dh = importlib.import_module(f"{pack.__name__}.vp2p.diffusers_host")
+    edit_mod, p2p = vp.edit, importlib.import_module(f"{pack.__name__}.vp2p.p2p")
+    with dh.DiffusersT2S(unet, vp.T2SSettings(vp.FrameMode.FIRST_FRAME, True)) as dhost, torch.no_grad():
+        den = dhost.denoiser(vp.schedule.sd_alphas_cumprod())
+        inputs = edit_mod.EditInputs(inv.z_t, inv.schedule, inv.cond, inv.null_embeddings, inv.negative, inv.cfg, inv.source_path)
+        diff_res = edit_mod.decoupled_edit(den, inputs, edit.target_cond, 7.5, edit_mod.Guidance.DECOUPLED,
+                                           p2p.P2PController(edit, inv.schedule))
+    torch.testing.assert_close(comfy_res.edited.cpu(), diff_res.edited, atol=2e-3, rtol=2e-3)
+
+
+def test_non_square_odd_frames(pack, small_models, clip):
+    _, base = small_models
+    model = inflated(pack, base)
+    latents = video(3, frames=5, h=12, w=8)  # 5 frames of 96×64
+    inv, noise = invert(pack, model, clip, latents, mode="ddim_only")
+    edited, source = sample(pack, model, inv, controller(pack, clip, target="a big tiger running", blend_source_words="cat",
+                                                            blend_target_words="tiger"), guidance="fast")
+    assert edited["samples"].shape == (5, 4, 12, 8) and torch.isfinite(edited["samples"]).all()
+
+
+def test_bad_inputs_are_clear(pack, small_models, edited_setup, clip):
+    model, latents, inv = edited_setup
+    cases = [
+        (dict(edit="replace", target_prompt="a big tiger running"), "refine"),
+        (dict(blend_source_words="dog"), "not a word of the source prompt"),
+        (dict(blend_target_words="cat"), "not a word of the target prompt"),
+        (dict(reweight="tiger=2"), "word:number"),
+        (dict(reweight="cat:2"), "not a word of the target prompt"),
+        (dict(target_prompt=" ".join(["tiger"] * 80)), "75"),
+        (dict(target_prompt="a (tiger:1.2) running"), "word by word"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            controller(pack, clip, **change)
+    with pytest.raises(ValueError, match="not the prompt the video was inverted with"):
+        sample(pack, model, inv, controller(pack, clip, source_prompt="a dog running", target_prompt="a tiger running"))
+    _, base = small_models
+    other = inflated(pack, base, "sparse_causal")
+    with pytest.raises(ValueError, match="different model"):
+        sample(pack, other, inv, controller(pack, clip))
+    with pytest.raises(ValueError, match="P2P Controller"):
+        sample(pack, model, inv, "not a control")
