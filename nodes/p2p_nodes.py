@@ -41,9 +41,9 @@ class P2PController(io.ComfyNode):
             ),
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP of the checkpoint (its own tokenizer aligns the words)."),
-                io.String.Input("source_prompt", multiline=True, default="a cat is running on the grass",
+                io.String.Input("source_prompt", default="a cat is running on the grass",
                                 tooltip="Exactly the prompt the video was inverted with."),
-                io.String.Input("target_prompt", multiline=True, default="a tiger is running on the grass",
+                io.String.Input("target_prompt", default="a tiger is running on the grass",
                                 tooltip="The edited description: swap, add or re-weight words."),
                 io.Combo.Input("edit", options=[k.value for k in EditKind], default=EditKind.AUTO.value, tooltip=EDIT_HELP),
                 io.Float.Input("cross_replace", default=0.4, min=0.0, max=1.0, step=0.05,

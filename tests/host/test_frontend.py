@@ -151,11 +151,14 @@ JS_HOVER_TARGETS = """async (id) => {
     return [rect.left + o[0], rect.top + o[1]];
   };
   const targets = [{kind: "title", name: "", at: page([node.pos[0] + node.size[0] / 2, node.pos[1] - LG.NODE_TITLE_HEIGHT / 2])}];
+  const linkedWidgets = new Set();
   (node.inputs || []).forEach((inp, i) => {
-    if (!inp.widget) targets.push({kind: "input", name: inp.name, at: page(node.getInputPos(i))});
+    // a widget converted to a linked socket is hovered at its socket (its widget is not drawn)
+    if (inp.widget && inp.link != null) linkedWidgets.add(inp.widget.name);
+    if (!inp.widget || inp.link != null) targets.push({kind: "input", name: inp.widget?.name ?? inp.name, at: page(node.getInputPos(i))});
   });
   (node.outputs || []).forEach((out, i) => targets.push({kind: "output", name: String(i), at: page(node.getOutputPos(i))}));
-  (node.widgets || []).forEach((w) => {
+  (node.widgets || []).filter((w) => !linkedWidgets.has(w.name)).forEach((w) => {
     const h = w.computedHeight ?? LG.NODE_WIDGET_HEIGHT;
     targets.push({kind: "widget", name: w.name, at: page([node.pos[0] + node.size[0] / 2, node.pos[1] + w.y + h / 2])});
   });

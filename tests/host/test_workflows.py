@@ -219,6 +219,11 @@ def shrink_for_cpu(prompt: dict, ckpt_name: str) -> dict:
 
 
 def _frames(path: Path) -> int:
+    if path.suffix.lower() in (".mp4", ".webm", ".mov", ".mkv"):
+        import av
+
+        with av.open(str(path)) as container:
+            return sum(1 for _ in container.decode(video=0))
     from PIL import Image
 
     with Image.open(path) as im:
