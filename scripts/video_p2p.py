@@ -1,10 +1,12 @@
 """Headless main job of the pack (no ComfyUI needed).
 
-Today: inflate an SD model to a text-to-set model, tune it on the clip (Tune on Video)
-and sample the clip with it (Tune-A-Video-style, starting from the clip's latents). Without --model it runs on a
-small random-weight SD1.5-shaped model and a clip it generates: the pipeline is real,
-the pictures are noise. With --model DIR (a diffusers-format SD1.x/SD2.x folder on
-disk) it does the real job.
+The whole Video-P2P edit: inflate an SD model to a text-to-set model, tune it on the clip
+(Tune on Video), invert the clip with one null-text embedding per step shared by all frames,
+and edit it with prompt-to-prompt control and decoupled guidance (P2P Controller + Decoupled
+Sampler), then decode and write the edited video and the source reconstruction. Without
+--model it runs on a small random-weight SD1.5-shaped model and a clip it generates: the
+pipeline is real, the pictures are noise. With --model DIR (a diffusers-format SD1.x/SD2.x
+folder on disk) it does the real job.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vp2p import FrameMode, T2SSettings  # noqa: E402
-from vp2p.diffusers_pipeline import decode_video, encode_video, load_components, random_components, sample_video  # noqa: E402
+from vp2p.diffusers_pipeline import EditOptions, decode_video, edit_video, encode_video, load_components, random_components  # noqa: E402
+from vp2p.inversion import InversionMode, InversionSettings  # noqa: E402
 from vp2p.tuning import TuneSettings  # noqa: E402
 
 log = logging.getLogger("VideoP2P")
@@ -63,13 +66,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="diffusers-format SD1.x/SD2.x folder (unet/, vae/, text_encoder/, tokenizer/)")
     ap.add_argument("--video", type=Path, help="input clip: a GIF or a folder of frames (default: a generated clip)")
-    ap.add_argument("--prompt", default="an orange ball rolling on a table")
+    ap.add_argument("--prompt", default="an orange ball rolling on a table", help="source prompt: what the clip shows")
+    ap.add_argument("--target", default="a red ball rolling on a table", help="target prompt: the edit")
+    ap.add_argument("--negative", default="")
+    ap.add_argument("--edit", default="auto", choices=["auto", "replace", "refine"])
+    ap.add_argument("--cross-replace", type=float, default=0.4)
+    ap.add_argument("--self-replace", type=float, default=0.4)
+    ap.add_argument("--blend-source", default="ball", help="local blend words of the source prompt (comma-separated; '' for none)")
+    ap.add_argument("--blend-target", default="ball", help="local blend words of the target prompt")
+    ap.add_argument("--blend-threshold", type=float, default=0.3)
+    ap.add_argument("--reweight", default="", help="e.g. 'red:2.0'")
+    ap.add_argument("--guidance", default="decoupled", choices=["decoupled", "shared_null", "fast"])
+    ap.add_argument("--invert-mode", default="shared_null_text", choices=[m.value for m in InversionMode])
+    ap.add_argument("--inner-steps", type=int, default=None, help="null-text iterations per step (default: 10 with --model, 2 without)")
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--height", type=int, default=96)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 50 with --model, 8 without)")
     ap.add_argument("--cfg", type=float, default=7.5)
-    ap.add_argument("--strength", type=float, default=0.7, help="how far into the noise the clip is taken (1 = from noise)")
     ap.add_argument("--frame-attention", default="first_frame", choices=[m.value for m in FrameMode])
     ap.add_argument("--no-temporal", action="store_true")
     ap.add_argument("--tune-steps", type=int, default=None, help="Tune on Video steps (default: 300 with --model, 4 without)")
@@ -94,23 +108,35 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     latents = encode_video(comps, clip)
     settings = T2SSettings(FrameMode(args.frame_attention), not args.no_temporal)
-    every = max(1, math.ceil(args.steps / 5))
     tune_steps = args.tune_steps if args.tune_steps is not None else (300 if args.model else 4)
-    tune_every = max(1, math.ceil(tune_steps / 5))
-    result = sample_video(comps, settings, latents.float(), args.prompt, steps=args.steps, cfg=args.cfg,
-                          strength=args.strength, seed=args.seed,
-                          progress=lambda i, n: log.info("sampling step %d/%d", i, n) if i % every == 0 or i == n else None,
-                          tune=TuneSettings(steps=tune_steps, learning_rate=args.tune_lr, seed=args.seed),
-                          tune_progress=lambda i, loss: log.info("tuning step %d/%d, loss %.4f", i + 1, tune_steps, loss)
-                          if (i + 1) % tune_every == 0 or i + 1 == tune_steps else None)
-    video = decode_video(comps, result)
-    save_gif(video, args.out / "sampled.gif")
-    for i, f in enumerate(video):
-        from PIL import Image
+    steps = args.steps if args.steps is not None else (50 if args.model else 8)
+    inner = args.inner_steps if args.inner_steps is not None else (10 if args.model else 2)
+    mode = InversionMode(args.invert_mode)
+    inversion = InversionSettings(steps=steps, cfg=args.cfg if mode.optimises else max(args.cfg, 1.0), mode=mode, inner_steps=inner)
+    words = lambda text: tuple(w for w in text.replace(",", " ").split())
+    options = EditOptions(args.prompt, args.target, args.negative, args.edit, args.cross_replace, args.self_replace,
+                          words(args.blend_source), words(args.blend_target), args.blend_threshold, args.reweight,
+                          args.guidance, args.cfg)
+    shown: dict[str, int] = {}
 
-        Image.fromarray((f.numpy() * 255).round().astype(np.uint8)).save(args.out / f"sampled_{i:03d}.png")
-    log.info("Inflated (%s), tuned %d steps and sampled %d frames of %dx%d in %.1f s -> %s", settings.describe(), tune_steps, video.shape[0],
-             video.shape[2], video.shape[1], time.perf_counter() - t0, args.out / "sampled.gif")
+    def progress(stage: str, i: int, n: int, loss: float) -> None:
+        every = max(1, math.ceil(n / 5))
+        if i % every == 0 or i == n:
+            shown[stage] = i
+            log.info("%s %d/%d%s", stage, i, n, "" if loss != loss else f", loss {loss:.4g}")
+
+    edited, source = edit_video(comps, settings, latents.float(), options, inversion,
+                                TuneSettings(steps=tune_steps, learning_rate=args.tune_lr, seed=args.seed), progress)
+    from PIL import Image
+
+    for name, lat in (("edited", edited), ("source", source)):
+        video = decode_video(comps, lat)
+        save_gif(video, args.out / f"{name}.gif")
+        for i, f in enumerate(video):
+            Image.fromarray((f.numpy() * 255).round().astype(np.uint8)).save(args.out / f"{name}_{i:03d}.png")
+    log.info("Video-P2P: inflated (%s), tuned %d steps, inverted (%s, %d steps), edited %r -> %r on %d frames of %dx%d "
+             "in %.1f s -> %s", settings.describe(), tune_steps, mode.value, steps, args.prompt, args.target, video.shape[0],
+             video.shape[2], video.shape[1], time.perf_counter() - t0, args.out / "edited.gif")
     if comps.random_weights:
         log.info("NOTE: no --model was given, so this ran on a small RANDOM-WEIGHT SD1.5-shaped model: the output is "
                  "noise by design. It shows the pipeline runs end to end; give --model DIR (a diffusers SD1.x folder) for real results.")

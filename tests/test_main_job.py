@@ -13,14 +13,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(find_vocab_source() is None, reason="no CLIP vocabulary (pip install --no-deps open_clip_torch)")
-def test_main_job_writes_a_video(tmp_path):
+def test_main_job_edits_a_video(tmp_path):
     spec = importlib.util.spec_from_file_location("video_p2p_cli", ROOT / "scripts" / "video_p2p.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    rc = cli.main(["--frames", "3", "--width", "64", "--height", "48", "--steps", "3", "--strength", "1.0", "--tune-steps", "2", "--out", str(tmp_path)])
+    rc = cli.main(["--frames", "3", "--width", "64", "--height", "48", "--steps", "3", "--inner-steps", "1", "--tune-steps", "2",
+                   "--out", str(tmp_path)])
     assert rc == 0
-    assert (tmp_path / "sampled.gif").stat().st_size > 0
-    assert len(list(tmp_path.glob("sampled_*.png"))) == 3
     from PIL import Image
 
-    assert Image.open(tmp_path / "sampled_000.png").size == (64, 48)
+    for name in ("edited", "source"):
+        assert (tmp_path / f"{name}.gif").stat().st_size > 0
+        assert len(list(tmp_path.glob(f"{name}_*.png"))) == 3
+        assert Image.open(tmp_path / f"{name}_000.png").size == (64, 48)
+    assert (tmp_path / "edited_000.png").read_bytes() != (tmp_path / "source_000.png").read_bytes()

@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
@@ -22,6 +22,9 @@ from .layout import COND, UNCOND
 from .patch import T2SSettings
 from .schedule import Schedule, ddim_sample
 from .tuning import TuneSettings
+
+if TYPE_CHECKING:
+    from .inversion import InversionSettings
 
 log = logging.getLogger("VideoP2P")
 
@@ -157,3 +160,68 @@ def sample_video(c: Components, settings: T2SSettings, latents: torch.Tensor, pr
         cb = (lambda i, _x: progress(i + 1, schedule.steps)) if progress else None
         with torch.no_grad():
             return ddim_sample(denoise, x, schedule, cb)
+
+
+@dataclass
+class EditOptions:
+    """The headless Video-P2P edit: prompts and the P2P Controller / Decoupled Sampler settings."""
+
+    source_prompt: str
+    target_prompt: str
+    negative: str = ""
+    edit: str = "auto"
+    cross_replace: float = 0.4
+    self_replace: float = 0.4
+    blend_source_words: tuple[str, ...] = ()
+    blend_target_words: tuple[str, ...] = ()
+    blend_threshold: float = 0.3
+    reweight: str = ""
+    guidance: str = "decoupled"
+    cfg: float = 7.5
+
+
+def edit_video(c: Components, settings: T2SSettings, latents: torch.Tensor, options: EditOptions,
+               inversion: "InversionSettings", tune: Optional[TuneSettings] = None,
+               progress: Optional[Callable[[str, int, int, float], None]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Video-P2P end to end on diffusers components: (tune) → invert → control → decoupled sampling.
+    latents [F, 4, h, w] (VAE-scaled) -> (edited, source reconstruction), both [F, 4, h, w]."""
+    from .edit import EditInputs, Guidance, decoupled_edit
+    from .inversion import ddim_invert, optimise_null_text
+    from .local_blend import LocalBlend, LocalBlendSpec
+    from .p2p import P2PController, P2PEdit
+    from .prompt_align import EditKind, hf_encoder, parse_word_values, resolve_kind, reweight_vector, tokenize_prompt, word_positions
+
+    report = progress or (lambda stage, i, n, loss: None)
+    encode = hf_encoder(c.tokenizer)
+    context = int(c.tokenizer.model_max_length)
+    src = tokenize_prompt(options.source_prompt, encode, context)
+    tgt = tokenize_prompt(options.target_prompt, encode, context)
+    kind = resolve_kind(EditKind.parse(options.edit), src, tgt)
+    factors = parse_word_values(options.reweight, "reweight", 0.0, 10.0)
+    blend_spec = None
+    if options.blend_source_words or options.blend_target_words:
+        blend_spec = LocalBlendSpec(tuple(word_positions(src, options.blend_source_words, "blend source words", "source")),
+                                    tuple(word_positions(tgt, options.blend_target_words, "blend target words", "target")),
+                                    threshold=options.blend_threshold)
+    cond, target, negative = (encode_prompt(c, p).float() for p in (options.source_prompt, options.target_prompt, options.negative))
+    edit = P2PEdit(src, tgt, cond.cpu(), target.cpu(), kind, cross_replace=options.cross_replace,
+                   self_replace=options.self_replace, reweight=reweight_vector(tgt, factors) if factors else None, blend=blend_spec)
+    schedule = Schedule.reference(inversion.steps, c.alphas_cumprod)
+    prediction = "v" if c.prediction_type == "v_prediction" else "eps"
+    x0 = latents.float()
+    with DiffusersT2S(c.unet, settings) as host:
+        if tune is not None and tune.steps > 0:
+            tune_diffusers(host, x0, cond, c.alphas_cumprod, tune, prediction,
+                           on_step=lambda i, loss: report("tune", i + 1, tune.steps, loss))
+        den = host.denoiser(c.alphas_cumprod, prediction)
+        with torch.no_grad():
+            trajectory = ddim_invert(den, x0, cond, schedule, on_step=lambda i: report("invert", i, schedule.steps, float("nan")))
+        result = optimise_null_text(den, trajectory, cond, negative, schedule, inversion,
+                                    on_step=lambda i, used, loss: report("null-text", i, schedule.steps, loss))
+        inputs = EditInputs(trajectory[0], schedule, cond, result.null_embeddings, negative, inversion.cfg, result.source_path)
+        blend = LocalBlend(blend_spec, x0.shape[0], tuple(x0.shape[-2:]), schedule.steps) if blend_spec is not None else None
+        with torch.no_grad():
+            out = decoupled_edit(den, inputs, target, options.cfg, Guidance.parse(options.guidance),
+                                 P2PController(edit, schedule, blend), blend,
+                                 on_step=lambda i, x: report("edit", i + 1, schedule.steps, float("nan")))
+    return out.edited, out.source
