@@ -127,3 +127,40 @@ def run_edit(model: Any, inversion: Inversion, edit: P2PEdit, cfg: float, guidan
         result = decoupled_edit(denoise, inputs, edit.target_cond.to(device), cfg, guidance, controller, blend, reuse=reuse,
                                 on_step=callback, should_stop=comfy.model_management.throw_exception_if_processing_interrupted)
     return result, blend
+
+
+def word_maps(model: Any, inversion: Inversion, edit: P2PEdit, at_step: float, source_words: list[str],
+              target_words: list[str], threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blend words' cross-attention at one step, as LocalBlend computes it: one UNet call with the
+    source and target conditional rows on the source latent of that step (no edit applied).
+    Returns (maps [2, F, h, w] normalised per prompt and frame, mask [F, h, w] of their union)."""
+    from dataclasses import replace
+
+    from ..vp2p.layout import COND, LayoutSpec
+
+    sched = inversion.schedule
+    step = min(sched.steps - 1, max(0, int(at_step * sched.steps)))
+    spec = LocalBlendSpec(tuple(word_positions(edit.source, source_words, "source_word", "source")),
+                          tuple(word_positions(edit.target, target_words, "target_word", "target")), threshold=threshold,
+                          start=0.0, average=False)
+    plain = replace(edit, cross_replace=0.0, self_replace=0.0, cross_words={}, reweight=None, blend=spec)
+    blend = LocalBlend(spec, inversion.frames, tuple(inversion.latent_shape[-2:]), sched.steps)
+    controller = P2PController(plain, sched, blend)
+    comfy.model_management.load_models_gpu([model])
+    device = model.load_device
+    path = inversion.source_path if inversion.source_path is not None else inversion.trajectory
+    x = path[step].to(device)
+    frames = inversion.frames
+    x_in = torch.cat([x, x])
+    context = torch.cat([edit.source_cond.expand(frames, -1, -1), edit.target_cond.expand(frames, -1, -1)]).to(device)
+    sigma = sched.sigmas[step].to(device).expand(2 * frames)
+    to = model.model_options.get("transformer_options", {}).copy()
+    to.update(cond_or_uncond=[COND, COND], sigmas=sigma)
+    to[RUN_STATE_KEY] = RunState(controller, LayoutSpec(frames, 2, ((COND, 0), (COND, 1))))
+    with torch.inference_mode():
+        model.model.apply_model(x_in, sigma, c_crossattn=context, transformer_options=to)
+    blend.end_step()
+    maps = blend.maps()
+    if maps is None:
+        raise SettingsError("No cross-attention map was recorded; the MODEL has no cross-attention layers the pack patches.")
+    return maps.cpu(), blend.mask()[:, 0].cpu().float()

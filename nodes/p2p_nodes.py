@@ -141,3 +141,69 @@ class DecoupledSampler(io.ComfyNode):
                              callback=lambda i, x: preview(i, x, x, inversion.schedule.steps))
         fmt = model.model.latent_format
         return io.NodeOutput({"samples": fmt.process_out(result.edited.cpu())}, {"samples": fmt.process_out(result.source.cpu())})
+
+
+class AttentionMaps(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VP2P_AttentionMaps",
+            display_name="Attention Maps",
+            category="video_p2p/edit",
+            description=(
+                "Shows, per frame, where words of the source and target prompts attend — the maps the local blend "
+                "thresholds — so you can pick blend words and a threshold by looking. One UNet call at the chosen step."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL the video was inverted with."),
+                Inversion.Input("inversion", tooltip="From 'Shared Null-Text Invert' or 'Load Inversion'."),
+                Control.Input("control", tooltip="From 'P2P Controller' (its prompts, and its blend words by default)."),
+                io.String.Input("source_words", default="",
+                                tooltip="Words of the source prompt to show (comma-separated). Empty: the controller's "
+                                        "blend_source_words."),
+                io.String.Input("target_words", default="",
+                                tooltip="Words of the target prompt to show. Empty: the controller's blend_target_words."),
+                io.Float.Input("at_step", default=0.5, min=0.0, max=1.0, step=0.05,
+                               tooltip="Where in the denoising to look (0 = the first, noisiest step; 1 = the last)."),
+                io.Float.Input("threshold", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="The blend_threshold to preview: the mask output is the union of both maps above it."),
+            ],
+            outputs=[
+                io.Image.Output("source_maps", tooltip="Per-frame heat maps of the source words (normalised per frame)."),
+                io.Image.Output("target_maps", tooltip="Per-frame heat maps of the target words."),
+                io.Mask.Output("mask", tooltip="The local-blend mask these maps give at the threshold (white: may change)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion, control, source_words: str, target_words: str, at_step: float,
+                threshold: float) -> io.NodeOutput:
+        import torch
+        import torch.nn.functional as F
+
+        from ..vp2p import SettingsError
+        from ..vp2p.p2p import P2PEdit
+        from .p2p_host import check_consistency, word_maps
+
+        if not isinstance(control, P2PEdit):
+            raise SettingsError(f"control must come from 'P2P Controller'; got {type(control).__name__}.")
+        check_consistency(model, inversion, control)
+
+        def words(text: str, fallback: tuple[int, ...], prompt) -> list[str]:
+            picked = text.replace(",", " ").split()
+            if picked:
+                return picked
+            names = [w for w, (a, b) in zip(prompt.words, prompt.spans) if any(a <= p < b for p in fallback)]
+            if not names:
+                raise SettingsError("Name the words to show (source_words / target_words), or set blend words in the controller.")
+            return names
+
+        blend = control.blend
+        src = words(source_words, blend.source_positions if blend else (), control.source)
+        tgt = words(target_words, blend.target_positions if blend else (), control.target)
+        maps, mask = word_maps(model, inversion, control, float(at_step), src, tgt, float(threshold))
+        scale = 8  # latent -> pixels for SD's VAE
+        up = F.interpolate(maps, scale_factor=scale, mode="nearest")  # [2, F, H, W]
+        heat = torch.stack([up, up.pow(2), (1 - up) * 0.3 + up * 0.1], dim=-1).clamp(0, 1)  # dark blue → yellow
+        mask_px = F.interpolate(mask[:, None], scale_factor=scale, mode="nearest")[:, 0]
+        return io.NodeOutput(heat[0], heat[1], mask_px)

@@ -99,15 +99,19 @@ class LocalBlend:
         else:
             self._total, self._count = step_map, 1
 
-    def mask(self) -> Optional[torch.Tensor]:
-        """[F, 1, h, w] bool: union of the thresholded source and target masks (None before any map)."""
+    def maps(self) -> Optional[torch.Tensor]:
+        """[2 (source, target), F, h, w]: the normalised maps the masks threshold (None before any map)."""
         if self._total is None:
             return None
         maps = self._total / self._count  # [2, F, h, w]
         maps = F.max_pool2d(maps, kernel_size=3, stride=1, padding=1)
         maps = F.interpolate(maps, size=self.latent_hw, mode="nearest")
-        maps = maps / maps.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
-        return (maps > self.spec.threshold).any(0).unsqueeze(1)
+        return maps / maps.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
+
+    def mask(self) -> Optional[torch.Tensor]:
+        """[F, 1, h, w] bool: union of the thresholded source and target masks (None before any map)."""
+        maps = self.maps()
+        return None if maps is None else (maps > self.spec.threshold).any(0).unsqueeze(1)
 
     def applies(self, step: int) -> bool:
         return step >= int(self.spec.start * self.steps)

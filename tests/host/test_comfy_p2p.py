@@ -140,3 +140,20 @@ def test_bad_inputs_are_clear(pack, small_models, edited_setup, clip):
         sample(pack, other, inv, controller(pack, clip))
     with pytest.raises(ValueError, match="P2P Controller"):
         sample(pack, model, inv, "not a control")
+
+
+def test_attention_maps_node(pack, edited_setup, clip):
+    model, latents, inv = edited_setup
+    control = controller(pack, clip, blend_source_words="cat", blend_target_words="tiger")
+    node = nodes_of(pack)["VP2P_AttentionMaps"]
+    with torch.inference_mode():
+        src, tgt, mask = node.execute(model=model, inversion=inv, control=control, source_words="", target_words="",
+                                      at_step=0.5, threshold=0.99).result
+        other, _, _ = node.execute(model=model, inversion=inv, control=control, source_words="running", target_words="",
+                                   at_step=0.5, threshold=0.99).result
+    assert src.shape == (FRAMES, 64, 64, 3) and tgt.shape == src.shape and mask.shape == (FRAMES, 64, 64)
+    assert 0 <= float(src.min()) and float(src.max()) <= 1 and float(src[..., 0].max()) == 1.0  # normalised per frame
+    assert 0 < float(mask.mean()) < 1
+    assert not torch.equal(src, other)  # another word, other maps
+    with pytest.raises(ValueError, match="not a word of the source prompt"), torch.inference_mode():
+        node.execute(model=model, inversion=inv, control=control, source_words="dog", target_words="", at_step=0.5, threshold=0.3)
