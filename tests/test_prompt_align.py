@@ -88,3 +88,23 @@ def test_reweight_and_word_lists(tok):
     with pytest.raises(ValueError, match="not a word of the target prompt"):
         reweight_vector(tgt, {"dog": 2.0})
     assert word_positions(tgt, ["snowleopard", "a"], "blend_target_words", "target") == [3, 4, 1]
+
+
+def test_token_view_describes_and_warns(tok):
+    from vp2p.token_view import describe_edit
+
+    _, t = tok
+    enc = hf_encoder(t)
+    dec = lambda i: t.convert_ids_to_tokens(i).replace("</w>", "")
+    view = describe_edit("a cat running", "a snowleopard running", "auto", "snowleopard:2", "cat", "snowleopard", enc, dec)
+    assert view["kind"] == "replace" and view["warnings"] == []
+    assert [v["status"] for v in view["target"]] == ["kept", "swapped", "kept"]
+    assert view["target"][1]["tokens"] == ["snow", "leopard"] and view["target"][1]["reweight"] == 2.0
+    assert view["source"][1]["blend"] and view["target"][1]["blend"]
+    refine = describe_edit("a cat running", "a big cat running", "auto", "", "", "", enc, dec)
+    assert refine["kind"] == "refine" and [v["status"] for v in refine["target"]] == ["kept", "added", "kept", "kept"]
+    bad = describe_edit("a cat running", "a big cat running", "replace", "dog:2, x", "dog", "", enc, dec)
+    text = " | ".join(bad["warnings"])
+    assert "edit=refine" in text and "word:number" in text and "'dog' is not a word of the source prompt" in text
+    long = describe_edit("cat " * 80, "a cat", "auto", "", "", "", enc, dec)
+    assert "75" in long["warnings"][0] and "kind" not in long

@@ -123,7 +123,7 @@ def _pair_tails(m: torch.Tensor, s: int, t: int, context: int) -> None:
 def refine_mapper(source: TokenizedPrompt, target: TokenizedPrompt) -> tuple[torch.Tensor, torch.Tensor]:
     """(mapper [T] long: the source position each target position reads, alphas [T]: 1 where
     aligned, 0 for the target's new tokens)."""
-    pairs = _global_alignment(source.ids, target.ids)
+    pairs = global_alignment(source.ids, target.ids)
     t = source.context
     mapper = torch.zeros(t, dtype=torch.long)
     alphas = torch.ones(t)
@@ -138,7 +138,7 @@ def refine_mapper(source: TokenizedPrompt, target: TokenizedPrompt) -> tuple[tor
     return mapper, alphas
 
 
-def _global_alignment(a: Sequence[int], b: Sequence[int], match: int = 1, mismatch: int = -1, gap: int = 0) -> list:
+def global_alignment(a: Sequence[int], b: Sequence[int], match: int = 1, mismatch: int = -1, gap: int = 0) -> list:
     """Needleman–Wunsch: for each element of ``b`` the index of its matched element of ``a``
     (equal tokens only), or None."""
     n, m = len(a), len(b)

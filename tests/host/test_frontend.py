@@ -158,7 +158,8 @@ JS_HOVER_TARGETS = """async (id) => {
     if (!inp.widget || inp.link != null) targets.push({kind: "input", name: inp.widget?.name ?? inp.name, at: page(node.getInputPos(i))});
   });
   (node.outputs || []).forEach((out, i) => targets.push({kind: "output", name: String(i), at: page(node.getOutputPos(i))}));
-  (node.widgets || []).filter((w) => !linkedWidgets.has(w.name)).forEach((w) => {
+  // frontend-only view widgets (serialize false, e.g. the token view) are no inputs and carry no input tooltip
+  (node.widgets || []).filter((w) => !linkedWidgets.has(w.name) && w.serialize !== false).forEach((w) => {
     const h = w.computedHeight ?? LG.NODE_WIDGET_HEIGHT;
     targets.push({kind: "widget", name: w.name, at: page([node.pos[0] + node.size[0] / 2, node.pos[1] + w.y + h / 2])});
   });
@@ -501,4 +502,47 @@ def test_pack_node_definitions_in_frontend(frontend: FrontendPage):
         if len(d["outputs"]) != len(info["output"]) or not all(d["outputs"]):
             problems.append(f"{t}: output tooltips {d['outputs']}")
     assert not problems, "\n".join(problems)
+    assert not frontend.page_errors, frontend.report()
+
+
+JS_TOKEN_VIEW = """async ([id, changes]) => {
+  const node = window.app.graph.getNodeById(id);
+  for (const [name, value] of Object.entries(changes)) {
+    const w = node.widgets.find((w) => w.name === name);
+    w.value = value;
+    w.callback?.(value);
+  }
+  const el = node.vp2pElement;
+  const deadline = Date.now() + 10000;
+  const want = JSON.stringify(changes);
+  while (Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 100));
+    if (node.vp2pView && el.innerHTML && node.__vp2pSeen !== el.innerHTML) break;
+  }
+  node.__vp2pSeen = el.innerHTML;
+  return {html: el.innerHTML, view: node.vp2pView,
+          statuses: (node.vp2pView?.target || []).map((v) => [v.word, v.status]),
+          shown: Array.from(el.querySelectorAll("span[data-status]")).map((s) => s.dataset.status).filter(Boolean),
+          warnings: Array.from(el.querySelectorAll(".vp2p-warning")).map((w) => w.textContent)};
+}"""
+
+
+def test_controller_token_view(frontend: FrontendPage):
+    """The live token view: tokens and word status under the controller (the source prompt followed
+    through its link), and warnings when replace cannot apply or a blend word is missing."""
+    workflow = json.loads((ROOT / "example_workflows" / "video_p2p_edit.json").read_text(encoding="utf-8"))
+    page = frontend.page
+    page.evaluate(JS_LOAD, [workflow, "token_view"])
+    node_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "VP2P_P2PController")
+    first = page.evaluate(JS_TOKEN_VIEW, [node_id, {}])
+    assert first["view"] and first["view"]["kind"] == "replace" and not first["warnings"], first
+    assert ["robot", "swapped"] in first["statuses"] and ["beach", "kept"] in first["statuses"]
+    assert "swapped" in first["shown"] and "robot" in first["html"]  # drawn under the node
+    assert first["view"]["token_count"]["limit"] == 75
+    second = page.evaluate(JS_TOKEN_VIEW, [node_id, {"edit": "replace", "target_prompt": "a tall robot is running on the beach",
+                                                     "blend_target_words": "dog"}])
+    text = " ".join(second["warnings"])
+    assert "edit=refine" in text and "'dog' is not a word of the target prompt" in text, second
+    third = page.evaluate(JS_TOKEN_VIEW, [node_id, {"edit": "auto", "blend_target_words": "robot"}])
+    assert third["view"]["kind"] == "refine" and not third["warnings"] and ["tall", "added"] in third["statuses"], third
     assert not frontend.page_errors, frontend.report()

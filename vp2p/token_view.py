@@ -1,0 +1,78 @@
+"""What the frontend's live token view shows under the P2P Controller: how both prompts
+tokenise, how the target's words relate to the source's (kept / swapped / added / changed),
+which are re-weighted or blended, and warnings for edits that cannot run.
+
+Pure Python over an ``Encode`` (word -> BPE ids) and a ``decode`` (id -> text); the server
+route feeds it the SD1.x CLIP tokenizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .errors import VP2PError
+from .prompt_align import EditKind, TokenizedPrompt, global_alignment, parse_word_values, resolve_kind, tokenize_prompt, words_align
+
+Decode = Callable[[int], str]
+
+
+def _prompt_view(p: TokenizedPrompt, decode: Decode) -> list[dict[str, Any]]:
+    return [{"word": w, "tokens": [decode(t) for t in p.ids[a - 1:b - 1]], "positions": list(range(a, b))}
+            for w, (a, b) in zip(p.words, p.spans)]
+
+
+def describe_edit(source: str, target: str, edit: str, reweight: str, blend_source: str, blend_target: str,
+                  encode: Callable[[str], list[int]], decode: Decode, context: int = 77) -> dict[str, Any]:
+    """A JSON-able description of an edit; never raises for bad input (it reports it)."""
+    warnings: list[str] = []
+    out: dict[str, Any] = {"warnings": warnings}
+    try:
+        src = tokenize_prompt(source, encode, context)
+        tgt = tokenize_prompt(target, encode, context)
+    except VP2PError as e:
+        warnings.append(str(e))
+        return out
+    out["source"], out["target"] = _prompt_view(src, decode), _prompt_view(tgt, decode)
+    out["token_count"] = {"source": len(src.ids), "target": len(tgt.ids), "limit": context - 2}
+    try:
+        kind = resolve_kind(EditKind.parse(edit), src, tgt)
+    except VP2PError as e:
+        warnings.append(str(e))
+        kind = EditKind.REFINE
+    out["kind"] = kind.value
+    status: list[str] = []
+    if kind is EditKind.REPLACE and words_align(src, tgt):
+        status = ["kept" if a.lower() == b.lower() else "swapped" for a, b in zip(src.words, tgt.words)]
+    else:
+        pairs = global_alignment(src.ids, tgt.ids)
+        for a, b in tgt.spans:
+            matched = [pairs[j - 1] is not None for j in range(a, b)]
+            status.append("kept" if all(matched) else "added" if not any(matched) else "changed")
+    for view, s in zip(out["target"], status):
+        view["status"] = s
+    try:
+        factors = parse_word_values(reweight, "reweight", 0.0, 10.0)
+    except VP2PError as e:
+        warnings.append(str(e))
+        factors = {}
+    for word, f in factors.items():
+        hits = [v for v in out["target"] if v["word"] and _same(v["word"], word)]
+        if not hits:
+            warnings.append(f"reweight: {word!r} is not a word of the target prompt.")
+        for v in hits:
+            v["reweight"] = f
+    for text, views, which in ((blend_source, out["source"], "source"), (blend_target, out["target"], "target")):
+        for word in text.replace(",", " ").split():
+            hits = [v for v in views if _same(v["word"], word)]
+            if not hits:
+                warnings.append(f"blend: {word!r} is not a word of the {which} prompt.")
+            for v in hits:
+                v["blend"] = True
+    return out
+
+
+def _same(a: str, b: str) -> bool:
+    import re
+
+    norm = lambda w: re.sub(r"[^\w]", "", w.lower())
+    return norm(a) == norm(b)
