@@ -292,3 +292,29 @@ def _tensors_and_metadata(path: Path) -> tuple[dict, dict]:
 
     with safe_open(str(path), framework="pt") as f:
         return load_file(str(path)), dict(f.metadata())
+
+
+def test_changing_only_the_target_reruns_only_controller_and_sampler(comfy_client: ComfyClient):
+    """Graph topology keeps re-edits cheap: the inversion does not depend on the target prompt, so ComfyUI
+    serves loading, tuning and inverting from its cache when only the controller changes."""
+    workflow = json.loads((ROOT / "example_workflows" / "video_p2p_edit.json").read_text(encoding="utf-8"))
+    object_info = comfy_client.object_info()
+    prompt = shrink_for_cpu(ui_to_api(workflow, object_info), CKPT_NAME)
+    for node in prompt.values():
+        if node["class_type"] == "LoadVideo":
+            write_input_video(comfy_client.input_dir / node["inputs"]["file"])
+    comfy_client.run(prompt, timeout=RUN_TIMEOUT_S)
+    controller = next(k for k, n in prompt.items() if n["class_type"] == "VP2P_P2PController")
+    prompt[controller]["inputs"]["target_prompt"] = "a dog is running on the beach"
+    prompt[controller]["inputs"]["blend_target_words"] = "dog"
+    entry = comfy_client.run(prompt, timeout=RUN_TIMEOUT_S)
+    cached = set()
+    for kind, data in entry["status"].get("messages", []):
+        if kind == "execution_cached":
+            cached |= {str(n) for n in data.get("nodes", [])}
+    by_type = {k: n["class_type"] for k, n in prompt.items()}
+    for kind in ("VP2P_TuneOnVideo", "VP2P_NullTextInvert", "VAEEncode", "CheckpointLoaderSimple"):
+        ids = {k for k, t in by_type.items() if t == kind}
+        assert ids <= cached, f"{kind} ran again though only the target prompt changed (cached: {sorted(cached)})"
+    reran = set(by_type) - cached
+    assert {controller} | {k for k, t in by_type.items() if t == "VP2P_DecoupledSampler"} <= reran
