@@ -157,3 +157,24 @@ def test_attention_maps_node(pack, edited_setup, clip):
     assert not torch.equal(src, other)  # another word, other maps
     with pytest.raises(ValueError, match="not a word of the source prompt"), torch.inference_mode():
         node.execute(model=model, inversion=inv, control=control, source_words="dog", target_words="", at_step=0.5, threshold=0.3)
+
+
+def test_sampler_interrupts_cleanly(pack, edited_setup, clip):
+    import comfy.model_management
+
+    model, latents, inv = edited_setup
+    host = host_module(pack, "p2p_host")
+    x, ctx = torch.randn(FRAMES, 4, 8, 8), torch.randn(FRAMES, 7, 768)
+    before = comfy_eps(model, x, 400, ctx)
+    steps = []
+
+    def on_step(i, latent):
+        steps.append(i)
+        comfy.model_management.interrupt_current_processing(True)
+
+    with pytest.raises(comfy.model_management.InterruptProcessingException), torch.inference_mode():
+        host.run_edit(model, inv, controller(pack, clip), 7.5, pack.vp2p.edit.Guidance.DECOUPLED, callback=on_step)
+    assert steps == [0]  # stopped before the second step
+    assert torch.equal(comfy_eps(model, x, 400, ctx), before)
+    edited, _ = sample(pack, model, inv, controller(pack, clip))  # the next run works
+    assert torch.isfinite(edited["samples"]).all()
