@@ -172,3 +172,56 @@ class LoadInversion(io.ComfyNode):
         shape = tuple(samples.shape) if samples is not None else inv.latent_shape
         check_fits(inv, model_fingerprint(model), shape, inversion_name)
         return io.NodeOutput(inv, _noise_latent(model, inv))
+
+
+class NoiseInversion(io.ComfyNode):
+    """The 'inversion' of a video generated from noise, so the P2P nodes edit generated videos."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VP2P_NoiseInversion",
+            display_name="Start From Noise",
+            category="video_p2p/guidance",
+            description=(
+                "Starts a video from seeded noise instead of inverting one: connect it to the Decoupled Sampler with a P2P "
+                "Controller and the source branch generates the video of the source prompt while the target branch "
+                "generates its edit with the same layout and motion (forward guidance, as prompt-to-prompt)."
+            ),
+            inputs=[
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Seed of the noise; the same seed gives the same video."),
+                io.Int.Input("width", default=512, min=64, max=8192, step=8, tooltip="Video width in pixels."),
+                io.Int.Input("height", default=512, min=64, max=8192, step=8, tooltip="Video height in pixels."),
+                io.Int.Input("frames", default=8, min=1, max=4096, tooltip="Number of frames."),
+                io.Conditioning.Input("negative", tooltip="The negative conditioning both branches are guided away from."),
+                io.Int.Input("steps", default=50, min=2, max=1000, optional=True,
+                             tooltip="DDIM steps of the generation (the reference's 50: timesteps 981…1)."),
+            ],
+            outputs=[
+                Inversion.Output("inversion", tooltip="z_T and the schedule, for the Decoupled Sampler."),
+                io.Latent.Output("noise", tooltip="z_T as a LATENT (SD1.x/SD2.x latent scale)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, seed: int, width: int, height: int, frames: int, negative, steps: int = 50) -> io.NodeOutput:
+        import torch
+
+        from ..vp2p.inversion import InversionMode
+        from ..vp2p.inversion_file import Inversion as InversionData
+        from ..vp2p.schedule import Schedule
+        from .model_facts import conditioning_tensor
+
+        neg = conditioning_tensor(negative, frames, "negative", "Start From Noise")
+        schedule = Schedule.reference(int(steps))
+        g = torch.Generator().manual_seed(int(seed) % (2**63))
+        noise = torch.randn(frames, 4, height // 8, width // 8, generator=g)
+        z_t = noise * torch.sqrt(1 + schedule.sigmas[0] ** 2)  # pure noise at the first step, in σ-space
+        nulls = neg.detach().float().cpu().unsqueeze(0).expand(schedule.steps, *neg.shape).clone()
+        inv = InversionData(trajectory=z_t.unsqueeze(0), null_embeddings=nulls, cond=neg.detach().float().cpu(), schedule=schedule,
+                            mode=InversionMode.DDIM_ONLY, cfg=float("nan"), model_fingerprint="", negative=neg.detach().float().cpu(),
+                            generated=True)
+        import comfy.latent_formats
+
+        return io.NodeOutput(inv, {"samples": comfy.latent_formats.SD15().process_out(z_t.clone())})  # SD1.x/2.x scale

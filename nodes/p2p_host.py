@@ -84,6 +84,8 @@ def check_consistency(model: Any, inversion: Inversion, edit: P2PEdit) -> None:
     """The inversion must come from this MODEL and the controller's source prompt."""
     if not isinstance(inversion, Inversion):
         raise SettingsError(f"inversion must come from 'Shared Null-Text Invert' or 'Load Inversion'; got {type(inversion).__name__}.")
+    if inversion.generated:  # Start From Noise: no model was used yet, and the source prompt is the controller's
+        return
     fp = model_fingerprint(model)
     if fp != inversion.model_fingerprint:
         raise InversionFileError(
@@ -116,11 +118,12 @@ def run_edit(model: Any, inversion: Inversion, edit: P2PEdit, cfg: float, guidan
         return model.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to)
 
     sched = inversion.schedule
+    source_cond = edit.source_cond if inversion.generated else inversion.cond
     inputs = EditInputs(
-        z_t=inversion.z_t.to(device), schedule=sched, cond=inversion.cond.to(device),
+        z_t=inversion.z_t.to(device), schedule=sched, cond=source_cond.to(device),
         null_embeddings=None if inversion.null_embeddings is None else inversion.null_embeddings.to(device),
         negative=(inversion.negative if inversion.negative is not None else inversion.cond).to(device),
-        cfg=inversion.cfg, source_path=None if inversion.source_path is None else inversion.source_path.to(device))
+        cfg=cfg if inversion.generated else inversion.cfg, source_path=None if inversion.source_path is None else inversion.source_path.to(device))
     blend = LocalBlend(edit.blend, frames, tuple(inversion.latent_shape[-2:]), sched.steps) if edit.blend is not None else None
     controller = P2PController(edit, sched, blend)
     with torch.inference_mode():
@@ -149,6 +152,8 @@ def word_maps(model: Any, inversion: Inversion, edit: P2PEdit, at_step: float, s
     comfy.model_management.load_models_gpu([model])
     device = model.load_device
     path = inversion.source_path if inversion.source_path is not None else inversion.trajectory
+    if inversion.generated:  # only z_T exists: look at the first step
+        step = 0
     x = path[step].to(device)
     frames = inversion.frames
     x_in = torch.cat([x, x])

@@ -47,6 +47,9 @@ class Inversion:
     negative: Optional[torch.Tensor] = None
     iterations: Optional[torch.Tensor] = None
     source_path: Optional[torch.Tensor] = None
+    # A generated video ("Start From Noise"): only z_T exists, the source prompt is the controller's,
+    # the source branch is guided with ``negative`` at the sampler's cfg, and any SD model fits.
+    generated: bool = False
     attention: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -71,7 +74,8 @@ class Inversion:
 
     def metadata(self) -> dict[str, str]:
         return {"format": FORMAT, "mode": self.mode.value, "cfg": repr(self.cfg), "model_fingerprint": self.model_fingerprint,
-                "frames": str(self.frames), "latent_shape": json.dumps(list(self.latent_shape))}
+                "frames": str(self.frames), "latent_shape": json.dumps(list(self.latent_shape)),
+                "generated": "1" if self.generated else "0"}
 
 
 def save_inversion(path: Path, inv: Inversion) -> Path:
@@ -83,7 +87,7 @@ def load_inversion(path: Path) -> Inversion:
     try:
         inv = Inversion(t["trajectory"], t.get("null_embeddings"), t["cond"], Schedule(t["timesteps"], t["sigmas"]),
                         InversionMode.parse(meta["mode"]), float(meta["cfg"]), meta["model_fingerprint"],
-                        t.get("negative"), t.get("iterations"), t.get("source_path"),
+                        t.get("negative"), t.get("iterations"), t.get("source_path"), meta.get("generated") == "1",
                         {k[len("attention."):]: v for k, v in t.items() if k.startswith("attention.")})
     except KeyError as e:
         raise InversionFileError(f"{path.name} lacks {e}; it was not written by this pack or is damaged. Invert again.") from e
@@ -96,7 +100,7 @@ def load_inversion(path: Path) -> Inversion:
 
 def check_fits(inv: Inversion, model_fingerprint: str, latent_shape: tuple[int, ...], name: str) -> None:
     """Refuse an inversion made with another model or for another video size."""
-    if inv.model_fingerprint != model_fingerprint:
+    if not inv.generated and inv.model_fingerprint != model_fingerprint:
         raise InversionFileError(
             f"{name} was made with a different model (fingerprint {inv.model_fingerprint[:12]}…, this MODEL is "
             f"{model_fingerprint[:12]}…). Use the same checkpoint, LoRAs, inflation and tuning, or invert again."

@@ -178,3 +178,21 @@ def test_sampler_interrupts_cleanly(pack, edited_setup, clip):
     assert torch.equal(comfy_eps(model, x, 400, ctx), before)
     edited, _ = sample(pack, model, inv, controller(pack, clip))  # the next run works
     assert torch.isfinite(edited["samples"]).all()
+
+
+def test_start_from_noise_with_identical_prompts_reproduces_plain_generation(pack, small_models, clip):
+    _, base = small_models
+    model = inflated(pack, base)
+    with torch.inference_mode():
+        inv, noise = nodes_of(pack)["VP2P_NoiseInversion"].execute(seed=3, width=64, height=64, frames=FRAMES,
+                                                                   negative=encode(clip, ""), steps=STEPS).result
+    assert inv.generated and inv.z_t.shape == (FRAMES, 4, 8, 8)
+    same, source = sample(pack, model, inv, controller(pack, clip, target=SOURCE), guidance="decoupled", cfg=6.0)
+    torch.testing.assert_close(same["samples"], source["samples"], atol=1e-4, rtol=1e-4)
+    # the source branch is plain cfg-guided DDIM from the noise with the source prompt
+    den = host_module(pack, "autograd_host").denoiser(model)
+    with torch.inference_mode():
+        plain = pack.vp2p.inversion.reconstruct(den, inv.z_t, encode(clip, SOURCE)[0][0], inv.schedule, 6.0, inv.null_embeddings)
+    torch.testing.assert_close(source["samples"], model.model.latent_format.process_out(plain), atol=1e-3, rtol=1e-3)
+    edited, _ = sample(pack, model, inv, controller(pack, clip), guidance="decoupled", cfg=6.0)
+    assert not torch.allclose(edited["samples"], source["samples"], atol=1e-2)
