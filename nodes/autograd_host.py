@@ -62,6 +62,10 @@ class _Checkpointing:
             def forward(*args: Any, _orig: Callable = original, **kwargs: Any) -> torch.Tensor:
                 if not torch.is_grad_enabled():
                     return _orig(*args, **kwargs)
+                # ComfyUI rewrites transformer_options["block"] (and more) in place as the UNet runs; a
+                # recomputation during backward must see this block's options, not the last block's.
+                args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+                kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
                 return torch.utils.checkpoint.checkpoint(_orig, *args, use_reentrant=False, **kwargs)
 
             m.forward = forward  # an instance attribute shadows the class method until eject

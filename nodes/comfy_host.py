@@ -22,6 +22,7 @@ import comfy.patcher_extension
 import torch
 
 from ..vp2p import AttentionPatch, LayerKey, SettingsError, T2SSettings, TemporalBank, UnsupportedModelError, is_vp2p_patch
+from ..vp2p.attention import sdpa
 from ..vp2p.keys import comfy_transformer_keys
 from ..vp2p.temporal import BlockShape
 
@@ -32,7 +33,11 @@ TEMPORAL_INJECTION_KEY = "vp2p_temporal"
 
 
 def comfy_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: Optional[dict] = None) -> torch.Tensor:
-    """ComfyUI's configured attention kernel (SDPA, xformers, sage, sub-quadratic …)."""
+    """ComfyUI's configured attention kernel (SDPA, xformers, sage, sub-quadratic …); under autograd,
+    PyTorch's SDPA: ComfyUI's split/sub-quadratic CPU kernels choose their slicing by the free memory of
+    the moment, which a gradient-checkpointed block's recomputation need not reproduce."""
+    if torch.is_grad_enabled():
+        return sdpa(q, k, v, heads)
     eo = extra_options or {}
     return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=eo.get("attn_precision"), transformer_options=eo)
 

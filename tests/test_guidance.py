@@ -85,6 +85,10 @@ def test_one_guided_update_lowers_the_energy_and_eta_zero_is_exact(host):
     same, _ = guided_update(x, sigma, masks, 0.0, evaluate, rec)
     assert same is x  # η = 0: exactly the unguided latent, no UNet call
     # no chosen layer -> a clear error rather than a silent no-op
-    none = WordMapRecorder(positions=(2,), latent_hw=(8, 8), factors=(16,))
+    none = WordMapRecorder(positions=(2,), latent_hw=(8, 8), factors=(16,), include_middle=False)
     with pytest.raises(ValueError, match="No cross-attention map"):
         guided_update(x, sigma, masks, 1.0, evaluate, none)
+    middle_only = WordMapRecorder(positions=(2,), latent_hw=(8, 8), factors=(16,))  # the middle block is always taken
+    with torch.no_grad():
+        evaluate(x, middle_only)
+    assert [k.block for k in middle_only.maps] == ["middle"]

@@ -66,7 +66,7 @@ def energy(maps: dict[LayerKey, torch.Tensor], masks: torch.Tensor, sharpness: f
 class WordMapRecorder(AttentionController):
     """Records, with gradients, the mean cross-attention of ``positions`` on the conditional rows of
     the layers whose token grid is one of ``factors`` (latent/factor; e.g. 4 and 8 = 16² and 8²
-    at 64² latents, the middle block included)."""
+    at 64² latents), plus the middle block when ``include_middle``."""
 
     positions: tuple[int, ...]
     latent_hw: tuple[int, int]
@@ -75,10 +75,14 @@ class WordMapRecorder(AttentionController):
     maps: dict[LayerKey, torch.Tensor] = field(default_factory=dict)
 
     def _grid(self, call: AttentionCall, tokens: int) -> Optional[tuple[int, int]]:
-        if call.kind != ATTN2 or (call.key.block == "middle" and not self.include_middle):
+        if call.kind != ATTN2:
             return None
         g = grid_of(tokens, self.latent_hw)
-        return (g[1], g[2]) if g is not None and g[0] in self.factors else None
+        if g is None:
+            return None
+        middle = call.key.block == "middle"
+        # the middle block is taken whatever its resolution when asked (the study found it essential)
+        return (g[1], g[2]) if (middle and self.include_middle) or (not middle and g[0] in self.factors) else None
 
     def override(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
         grid = self._grid(call, q.shape[1])

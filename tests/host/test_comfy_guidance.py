@@ -72,6 +72,11 @@ def test_guider_runs_with_stock_sampler_and_zero_strength_is_exact(pack, small_m
     assert torch.isfinite(moved).all() and not torch.allclose(moved, reference, atol=1e-4)
     steps = [s for s, _ in guided.energies]
     assert steps == [i for i, on in enumerate(pack.vp2p.guidance.default_guided_steps(len(sigmas) - 1)) if on]
+    # the default layers (here the middle block only): a recomputed, checkpointed block must see its own
+    # transformer options, not the last block's (ComfyUI rewrites them in place during the forward)
+    default = guidance_node(pack, model, clip, masks, 20.0, layers="16x16_8x8_middle")
+    sample(default, latent)
+    assert default.energies and all(e == e for _, e in default.energies)
     assert torch.equal(comfy_eps(model, x, 400, ctx), before)  # the input MODEL is untouched
 
 

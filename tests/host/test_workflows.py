@@ -34,6 +34,9 @@ SHRINK: dict[str, dict[str, int]] = {
     "VP2P_TuneOnVideo": {"steps": 2},
     "VP2P_NullTextInvert": {"steps": 2, "inner_steps": 2},
     "KSamplerAdvanced": {"steps": 2},
+    "VP2P_BoxTrajectory": {"width": 64, "height": 64, "frames": FRAMES},
+    "BasicScheduler": {"steps": 2},
+    "VP2P_NoiseInversion": {"width": 64, "height": 64, "frames": FRAMES, "steps": 2},
 }
 
 
