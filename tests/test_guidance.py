@@ -92,3 +92,25 @@ def test_one_guided_update_lowers_the_energy_and_eta_zero_is_exact(host):
     with torch.no_grad():
         evaluate(x, middle_only)
     assert [k.block for k in middle_only.maps] == ["middle"]
+
+
+def test_gradient_reaches_the_latent_only_through_the_recorded_maps(host):
+    """∇ₓE equals the vector-Jacobian product of the recorded maps with ∂E/∂A: nothing else of the
+    forward pass enters the energy."""
+    frames = 2
+    g = torch.Generator().manual_seed(1)
+    cond = torch.randn(1, 77, 32, generator=g)
+    sigma = float(Schedule.reference(10).sigmas[4])
+    den = host.denoiser(sd_alphas_cumprod())
+    masks = box_trajectory(64, 64, frames, (0.1, 0.1, 0.3, 0.3), (0.5, 0.5, 0.3, 0.3))
+    rec = WordMapRecorder(positions=(2,), latent_hw=(8, 8), factors=(1,), include_middle=True)
+    with torch.enable_grad():
+        x = (torch.randn(frames, 4, 8, 8, generator=g) * 2).requires_grad_(True)
+        den(x, torch.full((frames,), sigma), cond.expand(frames, -1, -1), [0], RunState(rec, LayoutSpec(frames)))
+        maps = list(rec.maps.values())
+        e = energy(rec.maps, masks)
+        de_da = torch.autograd.grad(e, maps, retain_graph=True)
+        (direct,) = torch.autograd.grad(e, x, retain_graph=True)
+        (through_maps,) = torch.autograd.grad(maps, x, grad_outputs=de_da)
+    assert len(maps) >= 2 and direct.abs().sum() > 0
+    torch.testing.assert_close(direct, through_maps)
