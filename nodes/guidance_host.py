@@ -23,6 +23,7 @@ import torch
 from ..vp2p import RUN_STATE_KEY, LayoutSpec, RunState, SettingsError, T2SSettings
 from ..vp2p.frame_attention import FrameMode
 from ..vp2p.guidance import WordMapRecorder, default_guided_steps, guided_update
+from ..vp2p.schedule import sigma_index
 from .autograd_host import make_autograd_clone
 from .comfy_host import get_state, install, transformer_blocks
 
@@ -63,7 +64,7 @@ class CrossAttentionGuider(comfy.samplers.CFGGuider):
                       seed: Optional[int] = None) -> torch.Tensor:
         model_options = model_options if model_options is not None else {}
         sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
-        step = _step_of(sigmas, timestep) if sigmas is not None else None
+        step = sigma_index(sigmas, timestep) if sigmas is not None else None
         if self.eta == 0 or step is None or step >= len(self._steps(sigmas)) or not self._steps(sigmas)[step]:
             return super().predict_noise(x, timestep, model_options, seed)
         frames = x.shape[0]
@@ -92,9 +93,3 @@ class CrossAttentionGuider(comfy.samplers.CFGGuider):
         s_next = float(sigmas[step + 1])
         return denoised + (s_next / (sigma - s_next)) * (x_g.to(x.dtype) - x)
 
-
-def _step_of(sigmas: torch.Tensor, timestep: torch.Tensor) -> Optional[int]:
-    s = float(timestep.flatten()[0])
-    diffs = (sigmas[:-1].float() - s).abs()
-    i = int(torch.argmin(diffs))
-    return i if float(diffs[i]) <= 1e-4 * max(abs(s), 1e-8) else None

@@ -91,13 +91,13 @@ class CrossAttentionGuidance(io.ComfyNode):
     def execute(cls, model, positive, negative, cfg: float, clip, prompt: str, word: str, target_masks, strength: float,
                 schedule: str, layers: str) -> io.NodeOutput:
         from ..vp2p import SettingsError
-        from ..vp2p.prompt_align import tokenize_prompt, word_positions
+        from ..vp2p.prompt_align import split_words, tokenize_prompt, word_positions
         from .guidance_host import CrossAttentionGuider, guided_model
         from .p2p_host import clip_word_tokenizer, encode_prompt
 
         encode, context = clip_word_tokenizer(clip)
         tokens = tokenize_prompt(prompt, encode, context)
-        positions = tuple(word_positions(tokens, word.replace(",", " ").split(), "word", "positive"))
+        positions = tuple(word_positions(tokens, split_words(word), "word", "positive"))
         if not positive:
             raise SettingsError("The positive CONDITIONING is empty; connect a CLIP Text Encode of the prompt.")
         cond = positive[0][0]

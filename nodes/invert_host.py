@@ -17,6 +17,7 @@ disk cache.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -95,7 +96,7 @@ def invert(model: Any, positive: list, negative: list, samples: torch.Tensor, se
         result = optimise_null_text(den, trajectory, cond, null_init, schedule, settings, on_step=optimised, should_stop=stop)
     if result.iterations:
         log.info("%s: %s, inner iterations per step %s (mean %.1f), last loss %.3g", NODE, settings.mode.value,
-                 _histogram(result.iterations), sum(result.iterations) / len(result.iterations), result.losses[-1])
+                 dict(sorted(Counter(result.iterations).items())), sum(result.iterations) / len(result.iterations), result.losses[-1])
     return Inversion(
         trajectory=trajectory.detach().cpu(),
         null_embeddings=None if result.null_embeddings is None else result.null_embeddings.detach().cpu(),
@@ -124,9 +125,3 @@ def invert_cached(model: Any, positive: list, negative: list, samples: torch.Ten
                              save_inversion, NODE)
     return inv
 
-
-def _histogram(iterations: list[int]) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for n in iterations:
-        counts[n] = counts.get(n, 0) + 1
-    return dict(sorted(counts.items()))

@@ -85,8 +85,8 @@ class NullTextInvert(io.ComfyNode):
 
         from ..vp2p import SettingsError
         from .invert_host import invert_cached
+        from .progress import progress_text
         from .storage import inversion_cache_dir
-        from .tune_nodes import _progress_text
 
         if store_attention:
             raise SettingsError(
@@ -98,14 +98,10 @@ class NullTextInvert(io.ComfyNode):
         samples = latent.get("samples") if isinstance(latent, dict) else None
         pbar = comfy.utils.ProgressBar(1)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
-        shown = {"text": None}
 
         def progress(done: int, total: int, text: str) -> None:
             pbar.update_absolute(done, total)
-            if text.split(" · ")[0] != shown["text"]:
-                shown["text"] = text.split(" · ")[0]
-                log.debug("Shared Null-Text Invert: %s", text)
-            _progress_text(text, node_id)
+            progress_text(text, node_id)
 
         inv = invert_cached(model, positive, negative, samples, settings, inversion_cache_dir() if use_cache else None, progress)
         return io.NodeOutput(inv, _noise_latent(model, inv))

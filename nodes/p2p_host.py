@@ -16,10 +16,10 @@ import torch
 
 from ..vp2p import RUN_STATE_KEY, RunState, SettingsError
 from ..vp2p.edit import EditInputs, EditResult, Guidance, decoupled_edit
-from ..vp2p.inversion_file import Inversion, InversionFileError
+from ..vp2p.inversion_file import Inversion, check_fits
 from ..vp2p.local_blend import LocalBlend, LocalBlendSpec
 from ..vp2p.p2p import P2PController, P2PEdit, SelfReplace
-from ..vp2p.prompt_align import EditKind, TokenizedPrompt, parse_word_values, resolve_kind, reweight_vector, tokenize_prompt, word_positions
+from ..vp2p.prompt_align import EditKind, TokenizedPrompt, parse_word_values, resolve_kind, reweight_vector, split_words, tokenize_prompt, word_positions
 from .model_facts import model_fingerprint
 
 log = logging.getLogger("VideoP2P")
@@ -68,7 +68,7 @@ def build_edit(clip: Any, source_prompt: str, target_prompt: str, edit: str, cro
         for pos in word_positions(tgt, [word], "cross_replace_words", "target"):
             cross_words[pos] = frac
     blend = None
-    src_words, tgt_words = blend_source_words.replace(",", " ").split(), blend_target_words.replace(",", " ").split()
+    src_words, tgt_words = split_words(blend_source_words), split_words(blend_target_words)
     if src_words or tgt_words:
         if not 0.0 <= blend_threshold <= 1.0:
             raise SettingsError(f"blend_threshold={blend_threshold} must be between 0 and 1 (0.3 as in Video-P2P).")
@@ -86,12 +86,7 @@ def check_consistency(model: Any, inversion: Inversion, edit: P2PEdit) -> None:
         raise SettingsError(f"inversion must come from 'Shared Null-Text Invert' or 'Load Inversion'; got {type(inversion).__name__}.")
     if inversion.generated:  # Start From Noise: no model was used yet, and the source prompt is the controller's
         return
-    fp = model_fingerprint(model)
-    if fp != inversion.model_fingerprint:
-        raise InversionFileError(
-            f"The inversion was made with a different model (fingerprint {inversion.model_fingerprint[:12]}…, this MODEL "
-            f"{fp[:12]}…). Connect the same MODEL to the inverter and the sampler (checkpoint, LoRAs, inflation, tuning)."
-        )
+    check_fits(inversion, model_fingerprint(model), inversion.latent_shape, "The inversion")
     cond = inversion.cond
     same = cond.shape[1:] == edit.source_cond.shape[1:] and torch.allclose(cond.float(), edit.source_cond.expand_as(cond).float(),
                                                                            atol=1e-3, rtol=1e-3)

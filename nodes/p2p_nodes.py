@@ -183,6 +183,7 @@ class AttentionMaps(io.ComfyNode):
 
         from ..vp2p import SettingsError
         from ..vp2p.p2p import P2PEdit
+        from ..vp2p.prompt_align import split_words
         from .p2p_host import check_consistency, word_maps
 
         if not isinstance(control, P2PEdit):
@@ -190,7 +191,7 @@ class AttentionMaps(io.ComfyNode):
         check_consistency(model, inversion, control)
 
         def words(text: str, fallback: tuple[int, ...], prompt) -> list[str]:
-            picked = text.replace(",", " ").split()
+            picked = split_words(text)
             if picked:
                 return picked
             names = [w for w, (a, b) in zip(prompt.words, prompt.spans) if any(a <= p < b for p in fallback)]

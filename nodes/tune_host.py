@@ -50,11 +50,10 @@ def tune_weights(model: Any, positive: list, latents: torch.Tensor, settings: Tu
 
     device = model.load_device
     dm = model.get_model_object("diffusion_model")
-    with torch.inference_mode(False):  # a trainable copy: the input's bank is never touched
-        bank = state.bank.copy().to(device).float() if state.bank is not None else None
     deltas: dict[tuple[str, LayerKey], torch.Tensor] = {}
     wrappers = {}
-    with torch.inference_mode(False):
+    with torch.inference_mode(False):  # ordinary, trainable tensors; the input's bank is never touched
+        bank = state.bank.copy().to(device).float() if state.bank is not None else None
         for wkey, ident in to_q_weight_keys(state.blocks).items():
             weight = dm.get_submodule(wkey[len("diffusion_model."):-len(".weight")]).weight
             deltas[ident] = torch.zeros(weight.shape, device=device, dtype=torch.float32, requires_grad=True)

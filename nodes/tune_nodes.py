@@ -7,6 +7,7 @@ import logging
 from comfy_api.latest import io
 
 from ..vp2p.tuning import TuneSettings
+from .progress import progress_text
 from .tune_host import tune_weights
 
 log = logging.getLogger("VideoP2P")
@@ -66,7 +67,7 @@ class TuneOnVideo(io.ComfyNode):
             pbar.update_absolute(step, total)
             if step == 1 or step % max(1, total // 20) == 0 or step == total:
                 log.info("Tune on Video: step %d/%d, loss %.5f", step, total, loss)
-                _progress_text(f"step {step}/{total} · loss {loss:.5f}", node_id)
+                progress_text(f"step {step}/{total} · loss {loss:.5f}", node_id)
 
         tuned = tune_cached(model, positive, samples, settings, progress, save_name=save_name or "", use_cache=use_cache)
         return io.NodeOutput(tuned)
@@ -106,16 +107,6 @@ def tune_cached(model, positive, samples, settings: TuneSettings, progress, save
         save_tuned(target, weights)
         log.info("Tune on Video: saved %s", target)
     return apply_tuned(model, weights)
-
-
-def _progress_text(text: str, node_id) -> None:
-    try:
-        from server import PromptServer
-
-        if node_id is not None and PromptServer.instance is not None:
-            PromptServer.instance.send_progress_text(text, node_id)
-    except Exception:  # no server (scripts/tests): the log line is enough
-        pass
 
 
 class LoadTunedT2S(io.ComfyNode):

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from vp2p import FrameMode, T2SSettings  # noqa: E402
 from vp2p.diffusers_pipeline import EditOptions, decode_video, edit_video, encode_video, load_components, random_components  # noqa: E402
 from vp2p.inversion import InversionMode, InversionSettings  # noqa: E402
+from vp2p.prompt_align import split_words  # noqa: E402
 from vp2p.tuning import TuneSettings  # noqa: E402
 
 log = logging.getLogger("VideoP2P")
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     inner = args.inner_steps if args.inner_steps is not None else (10 if args.model else 2)
     mode = InversionMode(args.invert_mode)
     inversion = InversionSettings(steps=steps, cfg=args.cfg if mode.optimises else max(args.cfg, 1.0), mode=mode, inner_steps=inner)
-    words = lambda text: tuple(w for w in text.replace(",", " ").split())
+    words = lambda text: tuple(split_words(text))
     options = EditOptions(args.prompt, args.target, args.negative, args.edit, args.cross_replace, args.self_replace,
                           words(args.blend_source), words(args.blend_target), args.blend_threshold, args.reweight,
                           args.guidance, args.cfg)

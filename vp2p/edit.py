@@ -31,13 +31,11 @@ import torch
 
 from .control import AttentionController, RunState
 from .errors import SettingsError, parse_option
-from .layout import COND, UNCOND, LayoutSpec
+from .layout import COND, SOURCE, TARGET, UNCOND, LayoutSpec
 from .local_blend import LocalBlend
 from .schedule import Schedule
 
 log = logging.getLogger("VideoP2P")
-
-SOURCE, TARGET = 0, 1
 
 
 class Guidance(str, Enum):

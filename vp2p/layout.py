@@ -26,6 +26,7 @@ from .errors import LayoutError
 
 COND = 0
 UNCOND = 1
+SOURCE, TARGET = 0, 1  # the branches of an edit
 
 
 @dataclass(frozen=True)

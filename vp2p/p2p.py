@@ -28,12 +28,11 @@ import torch
 from .attention import apply_probabilities, attention_probabilities, sdpa
 from .control import ATTN1, ATTN2, TEMPORAL, AttentionCall, AttentionController
 from .errors import SettingsError, parse_option
-from .layout import COND
+from .layout import COND, SOURCE, TARGET
 from .local_blend import LocalBlend, LocalBlendSpec
 from .prompt_align import EditKind, TokenizedPrompt, refine_mapper, replace_mapper
 from .schedule import Schedule
 
-SOURCE, TARGET = 0, 1
 FRAME_SELF_MAX_TOKENS = 16 * 16
 
 

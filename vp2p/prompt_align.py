@@ -64,6 +64,11 @@ def _norm(word: str) -> str:
     return re.sub(r"[^\w]", "", word.lower())
 
 
+def split_words(text: str) -> list[str]:
+    """A user's word list: separated by commas and/or spaces."""
+    return text.replace(",", " ").split()
+
+
 def tokenize_prompt(text: str, encode: Encode, context: int) -> TokenizedPrompt:
     """Split ``text`` into words and their token positions; refuse prompts beyond ``context``."""
     words = tuple(text.split())

@@ -11,7 +11,7 @@ the schedule, never by counting calls.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -61,15 +61,23 @@ class Schedule:
 
     def step_index(self, sigma: torch.Tensor | float, rtol: float = 1e-4) -> int:
         """The index ``i`` with ``sigmas[i] == sigma`` (relative tolerance); raises if none."""
-        s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
-        diffs = (self.sigmas[:-1].double() - s).abs()
-        i = int(torch.argmin(diffs))
-        if diffs[i] > rtol * max(abs(s), 1e-8):
+        i = sigma_index(self.sigmas, sigma, rtol)
+        if i is None:
+            s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
             raise SettingsError(
                 f"sigma={s:.6g} is not a step of this schedule "
                 f"({self.steps} steps, σ from {float(self.sigmas[0]):.4g} to {float(self.sigmas[-2]):.4g})."
             )
         return i
+
+
+def sigma_index(sigmas: torch.Tensor, sigma: torch.Tensor | float, rtol: float = 1e-4) -> Optional[int]:
+    """The step ``i`` of a schedule's ``sigmas`` [S+1] (the last one ends sampling) with
+    ``sigmas[i] == sigma`` within a relative tolerance, or None: a step identified by its sigma."""
+    s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+    diffs = (sigmas[:-1].double().cpu() - s).abs()
+    i = int(torch.argmin(diffs))
+    return i if diffs[i] <= rtol * max(abs(s), 1e-8) else None
 
 
 # denoised = D(x, sigma_index): x in σ-space [B, C, h, w] -> x0 prediction [B, C, h, w]

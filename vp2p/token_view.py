@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .errors import VP2PError
-from .prompt_align import EditKind, TokenizedPrompt, global_alignment, parse_word_values, resolve_kind, tokenize_prompt, words_align
+from .prompt_align import EditKind, TokenizedPrompt, global_alignment, parse_word_values, resolve_kind, split_words, tokenize_prompt, words_align
 
 Decode = Callable[[int], str]
 
@@ -56,14 +56,14 @@ def describe_edit(source: str, target: str, edit: str, reweight: str, blend_sour
         warnings.append(str(e))
         factors = {}
     for word, f in factors.items():
-        hits = [v for v in out["target"] if v["word"] and _same(v["word"], word)]
+        hits = _views_of(tgt, out["target"], word)
         if not hits:
             warnings.append(f"reweight: {word!r} is not a word of the target prompt.")
         for v in hits:
             v["reweight"] = f
-    for text, views, which in ((blend_source, out["source"], "source"), (blend_target, out["target"], "target")):
-        for word in text.replace(",", " ").split():
-            hits = [v for v in views if _same(v["word"], word)]
+    for text, prompt, views, which in ((blend_source, src, out["source"], "source"), (blend_target, tgt, out["target"], "target")):
+        for word in split_words(text):
+            hits = _views_of(prompt, views, word)
             if not hits:
                 warnings.append(f"blend: {word!r} is not a word of the {which} prompt.")
             for v in hits:
@@ -71,8 +71,7 @@ def describe_edit(source: str, target: str, edit: str, reweight: str, blend_sour
     return out
 
 
-def _same(a: str, b: str) -> bool:
-    import re
-
-    norm = lambda w: re.sub(r"[^\w]", "", w.lower())
-    return norm(a) == norm(b)
+def _views_of(prompt: TokenizedPrompt, views: list[dict[str, Any]], word: str) -> list[dict[str, Any]]:
+    """The views of the prompt's words that ``word`` names (the same matching as the edit uses)."""
+    hit = set(prompt.positions(word))
+    return [v for v in views if hit & set(v["positions"])]
