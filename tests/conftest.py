@@ -21,6 +21,16 @@ def unet():
     return tiny_unet(seed=0)
 
 
+@pytest.fixture(scope="session")
+def prompt():
+    """Tokenise a prompt word by word with the real CLIP BPE (77-token context)."""
+    from vp2p.clip_vocab import clip_tokenizer
+    from vp2p.prompt_align import hf_encoder, tokenize_prompt
+
+    enc = hf_encoder(clip_tokenizer())
+    return lambda text: tokenize_prompt(text, enc, 77)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -9,24 +9,18 @@ import torch
 from tests.helpers import extra_options, randomise_temporal
 from vp2p import COND, UNCOND, AttentionCall, BatchLayout, FrameMode, LayerKey, LayoutSpec, T2SSettings
 from vp2p.attention import apply_probabilities, attention_probabilities, sdpa
-from vp2p.clip_vocab import clip_tokenizer, find_vocab_source
+from vp2p.clip_vocab import find_vocab_source
 from vp2p.edit import EditInputs, Guidance, decoupled_edit
 from vp2p.inversion import InversionSettings, ddim_invert, optimise_null_text
 from vp2p.local_blend import LocalBlend, LocalBlendSpec, grid_of
 from vp2p.p2p import P2PController, P2PEdit, SelfReplace
-from vp2p.prompt_align import EditKind, hf_encoder, reweight_vector, tokenize_prompt
+from vp2p.prompt_align import EditKind, reweight_vector
 from vp2p.schedule import Schedule, sd_alphas_cumprod
 
 pytestmark = pytest.mark.skipif(find_vocab_source() is None, reason="no CLIP vocabulary (pip install --no-deps open_clip_torch)")
 
 DIM = 32  # the tiny UNet's text width
 STEPS = 5
-
-
-@pytest.fixture(scope="module")
-def prompt():
-    enc = hf_encoder(clip_tokenizer())
-    return lambda text: tokenize_prompt(text, enc, 77)
 
 
 def embed(p, seed=0):

@@ -46,6 +46,11 @@ class AttentionCall:
         """The noise levels of this call's rows (ComfyUI's ``transformer_options['sigmas']``)."""
         return self.extra_options.get("sigmas")
 
+    def frame_tokens(self, q: torch.Tensor) -> int:
+        """Query tokens per frame of this call (q as the controller receives it)."""
+        grouped = self.kind == ATTN1 and self.frame_mode in (FrameMode.FIRST_FRAME, FrameMode.MIDDLE_FRAME)
+        return q.shape[1] // self.layout.frames if grouped else q.shape[1]
+
     @property
     def latent_shape(self) -> Optional[list[int]]:
         """Shape of the UNet input ``[rows, C, h, w]`` where the host provides it."""

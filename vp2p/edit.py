@@ -144,3 +144,43 @@ def decoupled_edit(denoise: BranchDenoise, inputs: EditInputs, target_cond: torc
     scale = torch.sqrt(1 + sig[-1] ** 2)
     return EditResult(x_tgt / scale, x_src / scale, rows_per_step)
 
+
+
+def fused_edit(denoise: BranchDenoise, inputs: EditInputs, source_latents: torch.Tensor, target_cond: torch.Tensor, cfg: float,
+               guidance: Guidance, controller: Optional[AttentionController] = None, blend: Optional[LocalBlend] = None,
+               on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
+               should_stop: Optional[Callable[[], None]] = None) -> EditResult:
+    """FateZero's edit: only the target branch is denoised (uncond + cond, one UNet call per step);
+    the controller reads the source from the inversion's attention store.
+
+    source_latents [S+1, F, C, h, w]: the inversion's trajectory (σ-space, index i at sigmas[i]):
+    the latent blend resets the target to ``source_latents[i+1]`` outside its mask, and the
+    ``source`` result is the video the inversion started from. The target's negative is the
+    initial one (``shared_null``: the optimised null embedding of each step, where there is one).
+    """
+    sched = inputs.schedule
+    frames = inputs.z_t.shape[0]
+    sig = sched.sigmas.to(inputs.z_t.device)
+    if source_latents.shape[0] != sched.steps + 1:
+        raise SettingsError("The inversion's trajectory does not match its schedule; the inversion is damaged.")
+    x = inputs.z_t.float()
+    rows_per_step: list[int] = []
+    roles = ((UNCOND, TARGET), (COND, TARGET))
+    for i in range(sched.steps):
+        if should_stop is not None:
+            should_stop()
+        nulls = inputs.null_embeddings
+        negative = nulls[i] if (guidance is Guidance.SHARED_NULL and nulls is not None) else inputs.negative
+        context = torch.cat([_rows(negative, frames), _rows(target_cond, frames)]).to(x.device)
+        run = RunState(controller, LayoutSpec(frames, 2, roles))
+        out = denoise(torch.cat([x, x]), sig[i].expand(2 * frames), context, [UNCOND, COND], run).float()
+        rows_per_step.append(2 * frames)
+        d = out[:frames] + cfg * (out[frames:] - out[:frames])
+        x = d + sig[i + 1] * (x - d) / sig[i]
+        if blend is not None:
+            blend.end_step()
+            x = blend.blend(i, source_latents[i + 1].to(x), x)
+        if on_step is not None:
+            on_step(i, x)
+    scale = torch.sqrt(1 + sig[-1] ** 2)
+    return EditResult(x / scale, source_latents[-1].to(x) / scale, rows_per_step)

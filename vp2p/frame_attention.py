@@ -97,3 +97,33 @@ def per_row_keys(inputs: FrameAttentionInputs, frames: int) -> tuple[torch.Tenso
     q = inputs.q.reshape(inputs.rows, inputs.tokens, inputs.q.shape[-1])
     expand: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.repeat_interleave(frames, dim=0)
     return q, expand(inputs.k), expand(inputs.v)
+
+
+def key_frames(mode: FrameMode, frames: int) -> int:
+    """How many frames' keys a video's frame attention reads (what a store keeps per video)."""
+    if frames == 1 or mode in (FrameMode.FIRST_FRAME, FrameMode.MIDDLE_FRAME):
+        return 1
+    if mode is FrameMode.SPARSE_CAUSAL:
+        return frames - 1  # frame 0 and every previous frame; the last frame is nobody's previous
+    return frames
+
+
+def compact_keys(k: torch.Tensor, mode: FrameMode, frames: int) -> torch.Tensor:
+    """The distinct keys of one video's regrouped frame attention, for storing.
+
+    k: the regrouped keys of one video as ``frame_attention_inputs`` made them —
+    ``[1, N, C]`` (first/middle frame), ``[F, 2N, C]`` (sparse_causal), ``[F, N, C]`` (none)
+    -> ``[key_frames, N, C]``. ``expand_keys`` inverts it exactly.
+    """
+    if mode is FrameMode.SPARSE_CAUSAL and frames > 1:
+        n = k.shape[1] // 2
+        return k[1:, n:]  # row f holds frame 0's keys then frame f−1's: rows 1… hold frames 0…F−2
+    return k
+
+
+def expand_keys(compact: torch.Tensor, mode: FrameMode, frames: int) -> torch.Tensor:
+    """Inverse of ``compact_keys``: ``[key_frames, N, C]`` -> the regrouped keys of one video."""
+    if mode is FrameMode.SPARSE_CAUSAL and frames > 1:
+        previous = torch.cat([compact[:1], compact])  # frame f reads frame max(f−1, 0)
+        return torch.cat([compact[:1].expand(frames, -1, -1), previous], dim=1)
+    return compact

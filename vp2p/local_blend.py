@@ -8,7 +8,7 @@ i.e. latent/4; on a model without that resolution, the coarsest non-middle one),
 default averaged over the steps so far (the reference's behaviour; ``average=False`` uses
 the current step only), 3×3 max-pooled, upsampled (nearest) to the latent, divided by the
 per-(prompt, frame) maximum and thresholded; the source and target masks are united.
-From ``start`` of the steps on, after each step: ``x_tgt ← x_src + M·(x_tgt − x_src)``.
+From ``start`` of the steps on (until ``end``), after each step: ``x_tgt ← x_src + M·(x_tgt − x_src)``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class LocalBlendSpec:
     threshold: float = 0.3
     start: float = 0.2
     average: bool = True
+    end: float = 1.0  # blending stops at this fraction of the steps (FateZero's latent blend: 0.8)
 
 
 def grid_of(tokens: int, latent_hw: tuple[int, int]) -> Optional[tuple[int, int, int]]:
@@ -46,6 +47,21 @@ def grid_of(tokens: int, latent_hw: tuple[int, int]) -> Optional[tuple[int, int,
             break
         h, w, factor = math.ceil(h / 2), math.ceil(w / 2), factor * 2
     return None
+
+
+def blend_factor(factors: "set[int] | list[int]") -> int:
+    """The resolution the masks use among the recorded non-middle layers' downsampling factors:
+    latent/4 (the reference's 16² maps at 64² latents) or the closest finer one, else the coarsest."""
+    preferred = [f for f in factors if f <= PREFERRED_FACTOR]
+    return max(preferred) if preferred else min(factors)
+
+
+def normalised_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """maps [P, F, h, w] -> [P, F, *size]: 3×3 max-pool, nearest upsampling, divided by each
+    (prompt, frame)'s maximum — what the masks threshold."""
+    maps = F.max_pool2d(maps, kernel_size=3, stride=1, padding=1)
+    maps = F.interpolate(maps, size=size, mode="nearest")
+    return maps / maps.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
 
 
 class LocalBlend:
@@ -86,8 +102,7 @@ class LocalBlend:
         if not self._current:
             return
         if self.factor is None:
-            non_preferred = [f for f in self._current if f <= PREFERRED_FACTOR]
-            self.factor = max(non_preferred) if non_preferred else min(self._current)
+            self.factor = blend_factor(list(self._current))
         layer_maps = self._current.get(self.factor, [])
         self._current = {}
         if not layer_maps:
@@ -103,10 +118,7 @@ class LocalBlend:
         """[2 (source, target), F, h, w]: the normalised maps the masks threshold (None before any map)."""
         if self._total is None:
             return None
-        maps = self._total / self._count  # [2, F, h, w]
-        maps = F.max_pool2d(maps, kernel_size=3, stride=1, padding=1)
-        maps = F.interpolate(maps, size=self.latent_hw, mode="nearest")
-        return maps / maps.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
+        return normalised_maps(self._total / self._count, self.latent_hw)  # [2, F, h, w]
 
     def mask(self) -> Optional[torch.Tensor]:
         """[F, 1, h, w] bool: union of the thresholded source and target masks (None before any map)."""
@@ -114,7 +126,7 @@ class LocalBlend:
         return None if maps is None else (maps > self.spec.threshold).any(0).unsqueeze(1)
 
     def applies(self, step: int) -> bool:
-        return step >= int(self.spec.start * self.steps)
+        return int(self.spec.start * self.steps) <= step < int(self.spec.end * self.steps)
 
     def blend(self, step: int, x_source: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor:
         """x_*: [F, C, h, w]; returns the blended target latent (unchanged before ``start``)."""

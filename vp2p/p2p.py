@@ -170,8 +170,7 @@ class P2PController(AttentionController):
         if call.kind == TEMPORAL:
             return which in (SelfReplace.TEMPORAL, SelfReplace.BOTH)
         if call.kind == ATTN1 and which in (SelfReplace.FRAME, SelfReplace.BOTH):
-            tokens = q.shape[1] // (call.layout.frames if q.shape[0] == call.layout.videos else 1)
-            return tokens <= FRAME_SELF_MAX_TOKENS
+            return call.frame_tokens(q) <= FRAME_SELF_MAX_TOKENS
         return False
 
     @staticmethod

@@ -1,0 +1,294 @@
+"""FateZero core: the attention store (what it holds, its size, its order, its files) and fusion
+(no fusion = plain target DDIM; mask thresholds at the extremes = full / no replacement; the latent
+blend; the store read by sigma in the reverse of the recording order). Diffusers host, random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_edit import DIM, embed, make_edit
+from vp2p import COND, FrameMode, LayoutSpec, T2SSettings
+from vp2p.attention_store import (
+    DEFAULT_MAX_TOKENS,
+    AttentionStore,
+    AttentionStoreError,
+    StoreRecorder,
+    StoreSpec,
+    entry,
+    parse_entry,
+    record_missing_steps,
+    store_nbytes,
+)
+from vp2p.clip_vocab import find_vocab_source
+from vp2p.control import RunState
+from vp2p.edit import EditInputs, Guidance, fused_edit
+from vp2p.fatezero import FateZeroController, FateZeroEdit
+from vp2p.frame_attention import compact_keys, expand_keys, frame_attention_inputs, key_frames
+from vp2p.inversion import ddim_invert
+from vp2p.keys import LayerKey
+from vp2p.local_blend import LocalBlend, LocalBlendSpec
+from vp2p.schedule import Schedule, sd_alphas_cumprod
+
+pytestmark = pytest.mark.skipif(find_vocab_source() is None, reason="no CLIP vocabulary (pip install --no-deps open_clip_torch)")
+
+STEPS = 5
+FRAMES = 3
+
+
+@pytest.mark.parametrize("mode", list(FrameMode))
+def test_compact_keys_round_trip_every_frame_mode(mode):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2 * 4, 6, 8, generator=g) for _ in range(3))
+    inputs = frame_attention_inputs(q, k, v, videos=2, frames=4, mode=mode)
+    per = inputs.k.shape[0] // 2
+    one_video = inputs.k[per:]  # the second video's regrouped keys
+    compact = compact_keys(one_video, mode, 4)
+    assert compact.shape[0] == key_frames(mode, 4)
+    assert torch.equal(expand_keys(compact, mode, 4), one_video)
+
+
+class Host:
+    """A tiny middle-frame T2S UNet, a video's DDIM inversion with a store, and the edit's inputs."""
+
+    def __init__(self, unet, prompt, mode=FrameMode.MIDDLE_FRAME, fraction=1.0, max_tokens=DEFAULT_MAX_TOKENS, directory=None,
+                 in_memory=True):
+        from vp2p.diffusers_host import DiffusersT2S
+
+        self.host = DiffusersT2S(unet, T2SSettings(mode, False)).install()
+        self.den = self.host.denoiser(sd_alphas_cumprod())
+        g = torch.Generator().manual_seed(3)
+        self.latents = torch.randn(1, 4, 8, 8, generator=g) + 0.5 * torch.randn(FRAMES, 4, 8, 8, generator=g)
+        self.src = prompt("a cat running")
+        self.cond = embed(self.src)
+        self.empty = 0.1 * torch.randn(1, 77, DIM, generator=g)
+        self.sched = Schedule.reference(STEPS)
+        spec = StoreSpec.for_fraction(STEPS, fraction, max_tokens, FRAMES, mode, "test")
+        self.store = AttentionStore(spec, directory, in_memory)
+        self.calls = 0
+        with torch.no_grad():
+            self.traj = ddim_invert(self.recording(), self.latents, self.cond, self.sched)
+            record_missing_steps(self.recording(), self.traj, self.cond, self.sched, self.store)
+        self.store.finish()
+        self.inputs = EditInputs(self.traj[0], self.sched, self.cond, None, self.empty, 7.5)
+
+    def recording(self, store=None):
+        rec = StoreRecorder(store or self.store, self.sched)
+
+        def den(x, sigma, cond):
+            self.calls += 1
+            return self.den(x, sigma, cond, [COND], RunState(rec, LayoutSpec(FRAMES)))
+
+        return den
+
+    def edit(self, fz=None, target=None, blend=None, store=None):
+        ctl = FateZeroController(fz, store or self.store, self.sched, (8, 8), blend) if fz is not None else None
+        tgt = target if target is not None else fz.edit.target_cond
+        with torch.no_grad():
+            return fused_edit(self.den, self.inputs, self.traj, tgt, 7.5, Guidance.DECOUPLED, ctl, blend), ctl
+
+    def close(self):
+        self.host.remove()
+
+
+@pytest.fixture(scope="module")
+def host(unet, prompt):
+    h = Host(unet, prompt)
+    yield h
+    h.close()
+
+
+def fz_edit(prompt, cross=0.8, self_=0.8, words=(), threshold=0.3, src="a cat running", tgt="a tiger running", blend=None):
+    e = make_edit(prompt, src, tgt, cross_replace=cross, self_replace=self_)
+    e.blend = blend
+    return FateZeroEdit(e, tuple(p for w in words for p in e.source.positions(w)), threshold)
+
+
+def test_store_holds_the_stored_steps_and_layers_in_half_precision(host):
+    spec = host.store.spec
+    assert spec.stored_steps == STEPS
+    # the inversion evaluates sigmas[S]…sigmas[1]; step 0 is one extra call: S+1 calls in all
+    assert host.calls == STEPS + 1
+    names = host.store.names(0)
+    kinds = {parse_entry(n)[0] for n in names}
+    assert kinds == {"attn1", "attn2"}  # temporal attention is never stored
+    layers = {parse_entry(n)[1] for n in names}
+    assert LayerKey("middle", 0, 0) in layers and len(layers) == 6  # input 1,2 · middle · output 3,4,5 of the tiny UNet
+    for s in range(STEPS):
+        for t in host.store.step(s).values():
+            assert t.dtype == torch.float16 and t.device.type == "cpu"
+    q = host.store.get(0, entry("attn1", LayerKey("input", 1, 0), "q"))
+    k = host.store.get(0, entry("attn1", LayerKey("input", 1, 0), "k"))
+    assert q.shape[:2] == (1, FRAMES * 64) and k.shape[:2] == (1, 64)  # middle frame: one frame's keys per video
+    p = host.store.get(0, entry("attn2", LayerKey("input", 1, 0), "p"))
+    assert p.shape == (FRAMES, 8, 64, 77)  # [F, heads, N, T]
+    torch.testing.assert_close(p.float().sum(-1), torch.ones(FRAMES, 8, 64), atol=2e-3, rtol=0)
+
+
+def test_store_bytes_equal_the_formula(host, unet):
+    layers = []
+    for n in host.store.names(0):
+        kind, key, part = parse_entry(n)
+        if kind == "attn2":
+            p = host.store.get(0, n)
+            q = host.store.get(0, entry("attn1", key, "q"))
+            layers.append((p.shape[2], q.shape[-1], p.shape[1]))
+    want = store_nbytes(FRAMES, layers, FrameMode.MIDDLE_FRAME, 77, STEPS)
+    assert host.store.nbytes == want
+    assert sum(t.numel() * 2 for t in host.store.tensors().values()) == want
+
+
+def sd15_layers(h: int, w: int) -> list[tuple[int, int, int]]:
+    """(tokens per frame, channels, heads) of SD1.5's 16 transformer blocks at a latent of h×w."""
+    levels = [(h * w, 320), ((h // 2) * (w // 2), 640), ((h // 4) * (w // 4), 1280)]
+    mid = [((h // 8) * (w // 8), 1280)]
+    down = [lv for lv in levels for _ in range(2)]
+    up = [lv for lv in reversed(levels) for _ in range(3)]
+    return [(n, c, 8) for n, c in down + mid + up]
+
+
+def test_sd15_store_for_8_frames_512_at_50_steps_is_under_8_gb():
+    layers = sd15_layers(64, 64)
+    assert len(layers) == 16
+    full = store_nbytes(8, layers, FrameMode.MIDDLE_FRAME, 77, 50)
+    default = store_nbytes(8, layers, FrameMode.MIDDLE_FRAME, 77, 40)  # store_steps 0.8 (FateZero's fractions)
+    shape = store_nbytes(8, layers, FrameMode.SPARSE_CAUSAL, 77, 40)
+    assert full <= 8e9 and default <= 8e9 and shape <= 8.6e9, (full, default, shape)
+    # FateZero's reference keeps every probability map of the same layers in fp32 (for comparison):
+    reference = sum((8 * 8 * n * n + 8 * 8 * n * 77) * 4 for n, c, h in layers if n <= 1024) * 50
+    assert reference > 10 * full
+
+
+def test_fusion_off_is_plain_target_ddim_from_the_inverted_noise(host, prompt):
+    fz = fz_edit(prompt, cross=0.0, self_=0.0)
+    res, _ = host.edit(fz)
+    sig = host.sched.sigmas
+    x = host.traj[0].clone()
+    tgt = fz.edit.target_cond.expand(FRAMES, -1, -1)
+    with torch.no_grad():
+        for i in range(STEPS):
+            d = host.den(torch.cat([x, x]), sig[i].expand(2 * FRAMES), torch.cat([host.empty.expand(FRAMES, -1, -1), tgt]),
+                         [1, 0], RunState())
+            d = d[:FRAMES] + 7.5 * (d[FRAMES:] - d[:FRAMES])
+            x = d + sig[i + 1] * (x - d) / sig[i]
+    torch.testing.assert_close(res.edited, x / torch.sqrt(1 + sig[-1] ** 2), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(res.source, host.latents, atol=1e-5, rtol=1e-5)  # the inverted video itself
+    assert host.store.read_order == [] or set(host.store.read_order) <= set(range(STEPS))
+
+
+def test_mask_threshold_extremes_are_full_and_no_replacement(host, prompt):
+    full, _ = host.edit(fz_edit(prompt, cross=0.0, self_=1.0))  # no blend words: every self-attention replaced
+    none, _ = host.edit(fz_edit(prompt, cross=0.0, self_=0.0))
+    top, ctl_top = host.edit(fz_edit(prompt, cross=0.0, self_=1.0, words=("cat",), threshold=1.0))
+    zero, ctl_zero = host.edit(fz_edit(prompt, cross=0.0, self_=1.0, words=("cat",), threshold=0.0))
+    torch.testing.assert_close(top.edited, full.edited, atol=0, rtol=0)
+    torch.testing.assert_close(zero.edited, none.edited, atol=0, rtol=0)
+    assert not ctl_top.last_self_mask.any() and ctl_zero.last_self_mask.all()
+    assert not torch.allclose(full.edited, none.edited, atol=1e-4)  # replacement does something
+    mid, ctl_mid = host.edit(fz_edit(prompt, cross=0.0, self_=1.0, words=("cat",), threshold=0.9))
+    m = ctl_mid.last_self_mask
+    assert 0 < m.sum() < m.numel()  # a partial mask …
+    assert not torch.allclose(mid.edited, full.edited, atol=1e-5) and not torch.allclose(mid.edited, none.edited, atol=1e-5)
+
+
+def test_the_edit_reads_each_step_by_sigma_in_the_reverse_of_the_recording_order(host, prompt, unet):
+    # recorded while inverting (sigma rising: steps S−1 … 1), then step 0; read while denoising (0 … S−1)
+    assert host.store.record_order == list(range(STEPS - 1, -1, -1))
+    store = AttentionStore.from_tensors(host.store.spec, host.store.tensors())
+    host.edit(fz_edit(prompt, cross=1.0, self_=1.0), store=store)
+    assert store.read_order == list(range(STEPS))
+    # entry i is the source's attention on the inverted latent at sigmas[i]: recompute step 2 alone
+    alone = AttentionStore(StoreSpec.for_fraction(STEPS, 1.0, DEFAULT_MAX_TOKENS, FRAMES, FrameMode.MIDDLE_FRAME, "t"))
+    with torch.no_grad():
+        host.recording(alone)(host.traj[2], host.sched.sigmas[2].expand(FRAMES), host.cond.expand(FRAMES, -1, -1))
+    assert alone.record_order == [2]
+    for name, t in alone.step(2).items():
+        torch.testing.assert_close(t, host.store.get(2, name), atol=0, rtol=0)
+    # and the order matters: the same store with its steps reversed gives another edit
+    steps = host.store.spec.stored_steps
+    flipped = AttentionStore.from_tensors(host.store.spec, {f"{steps - 1 - int(k.split('/')[0])}/{k.split('/', 1)[1]}": v
+                                                             for k, v in host.store.tensors().items()})
+    a, _ = host.edit(fz_edit(prompt, cross=1.0, self_=1.0), store=store)
+    b, _ = host.edit(fz_edit(prompt, cross=1.0, self_=1.0), store=flipped)
+    assert not torch.allclose(a.edited, b.edited, atol=1e-4)
+
+
+def test_identity_fusion_with_the_source_prompt_matches_the_live_first_step(host, prompt):
+    """With target = source and everything replaced, step 0 runs on z_T, exactly where the store was
+    recorded: the stored attention is the live one up to fp16 rounding, so the first step agrees with
+    the unfused one, while a real edit moves it much further."""
+    first = {}
+
+    def after(name):
+        return lambda i, x: first.setdefault(name, x.clone()) if i == 0 else None
+
+    for name, fz in (("fused", fz_edit(prompt, cross=1.0, self_=1.0, tgt="a cat running")),
+                     ("plain", fz_edit(prompt, cross=0.0, self_=0.0, tgt="a cat running")),
+                     ("edit", fz_edit(prompt, cross=0.0, self_=0.0, tgt="a tiger running"))):
+        ctl = FateZeroController(fz, host.store, host.sched, (8, 8))
+        with torch.no_grad():
+            fused_edit(host.den, host.inputs, host.traj, fz.edit.target_cond, 7.5, Guidance.DECOUPLED, ctl, on_step=after(name))
+    same = float((first["fused"] - first["plain"]).abs().max())
+    edited = float((first["edit"] - first["plain"]).abs().max())
+    assert same < 1e-2 * edited, (same, edited)
+
+
+def test_latent_blend_keeps_the_inverted_latent_outside_its_mask(host, prompt):
+    spec = LocalBlendSpec(tuple(make_edit(prompt).source.positions("cat")), tuple(make_edit(prompt).target.positions("tiger")),
+                          threshold=0.95, start=0.0, end=1.0, average=False)
+    blend = LocalBlend(spec, FRAMES, (8, 8), STEPS)
+    res, _ = host.edit(fz_edit(prompt, cross=0.8, self_=0.8, blend=spec), blend=blend)
+    m = blend.last_mask.expand_as(res.edited)
+    assert 0 < m.sum() < m.numel()
+    scale = torch.sqrt(1 + host.sched.sigmas[-1] ** 2)
+    assert torch.equal(res.edited[~m], (host.traj[-1] / scale)[~m])
+
+
+def test_store_on_disk_round_trip_and_step_by_step_reading(unet, prompt, tmp_path):
+    d = Host(unet, prompt, directory=tmp_path / "store", in_memory=False)
+    try:
+        assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["spec.json"] + [f"step_{i:04d}.safetensors" for i in range(STEPS)]
+        mem = AttentionStore.open(tmp_path / "store", in_memory=True)
+        lazy = AttentionStore.open(tmp_path / "store", in_memory=False)
+        assert mem.nbytes == d.store.nbytes == lazy.nbytes > 0
+        fz = fz_edit(prompt, cross=0.8, self_=0.8, words=("cat",), threshold=0.9)
+        a, _ = d.edit(fz, store=mem)
+        b, _ = d.edit(fz, store=lazy)
+        torch.testing.assert_close(a.edited, b.edited, atol=0, rtol=0)
+        assert len(lazy._steps) <= 1  # one step in memory at a time
+        (tmp_path / "store" / "step_0002.safetensors").write_bytes(b"broken")
+        with pytest.raises(AttentionStoreError, match="unreadable"):
+            AttentionStore.open(tmp_path / "store", in_memory=True)
+        (tmp_path / "store" / "spec.json").unlink()
+        with pytest.raises(AttentionStoreError, match="not a finished attention store"):
+            AttentionStore.open(tmp_path / "store", in_memory=False)
+    finally:
+        d.close()
+
+
+def test_partial_store_and_small_layers(unet, prompt):
+    h = Host(unet, prompt, fraction=0.4, max_tokens=16)
+    try:
+        assert h.store.spec.stored_steps == 2 and h.store.record_order == [1, 0]
+        assert {parse_entry(n)[1] for n in h.store.names(0)} == {LayerKey("middle", 0, 0)}
+        with pytest.raises(AttentionStoreError, match="stored only 2"):
+            FateZeroController(fz_edit(prompt, cross=0.8, self_=0.2), h.store, h.sched, (8, 8))
+        res, _ = h.edit(fz_edit(prompt, cross=0.4, self_=0.4))  # within the stored steps: runs
+        assert torch.isfinite(res.edited).all()
+        with pytest.raises(AttentionStoreError, match="no cross-attention map outside the middle block"):
+            h.edit(fz_edit(prompt, cross=0.4, self_=0.4, words=("cat",)))
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("mode", [FrameMode.SPARSE_CAUSAL, FrameMode.FIRST_FRAME, FrameMode.NONE])
+def test_other_frame_modes_fuse_from_their_compact_keys(unet, prompt, mode):
+    h = Host(unet, prompt, mode=mode, fraction=0.6)
+    try:
+        k = h.store.get(0, entry("attn1", LayerKey("input", 1, 0), "k"))
+        assert k.shape[0] == key_frames(mode, FRAMES)
+        res, _ = h.edit(fz_edit(prompt, cross=0.6, self_=0.6, words=("cat",), threshold=0.9))
+        off, _ = h.edit(fz_edit(prompt, cross=0.0, self_=0.0))
+        assert torch.isfinite(res.edited).all() and not torch.allclose(res.edited, off.edited, atol=1e-4)
+    finally:
+        h.close()

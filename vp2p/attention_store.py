@@ -1,0 +1,327 @@
+"""FateZero's attention store, kept lean: what fusion reads, not every probability map.
+
+During the inversion the source's conditional rows are evaluated at every step's sigma on
+the inverted latent of that step. For the layers fusion uses (≤ ``max_tokens`` query tokens
+per frame, FateZero's 32²) and the first ``stored_steps`` edit steps, the store keeps, in fp16:
+
+* ``attn1`` (frame/self attention): the source's queries ``q`` and its distinct keys
+  (``compact_keys``: one frame for first/middle-frame attention). Fusion rebuilds the source's
+  self-attention output as ``SDPA(q_src, k_src, v_edit)`` — never a probability tensor;
+* ``attn2`` (cross attention): the probabilities ``[F, H, N, T]``. Replacement reads them per
+  head; the blend masks read the blend words' columns. (Queries would not do: the source's
+  text keys are not available inside the edit's attention call.)
+
+Temporal attention is not stored (FateZero leaves it alone).
+
+A step is named by its index in the schedule (``sigmas[step]``), the index the edit reads
+it by; the inversion records the steps in the reverse order (it walks the sigmas upwards).
+The store lives in memory (``cpu``) or as one safetensors shard per step in a folder
+(``disk``), read back one step at a time during the edit. A finished folder holds
+``spec.json``, written last, so a half-written store is never taken for a whole one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .attention import attention_probabilities
+from .control import ATTN1, ATTN2, AttentionCall, AttentionController
+from .errors import VP2PError, parse_option
+from .frame_attention import FrameMode, compact_keys, key_frames
+from .keys import LayerKey
+from .layout import COND, SOURCE
+from .schedule import Schedule, sigma_index
+
+log = logging.getLogger("VideoP2P")
+
+STORE_FORMAT = "vp2p-attention-store/1"
+DEFAULT_MAX_TOKENS = 32 * 32
+STORE_DTYPE = torch.float16
+
+
+class AttentionStoreError(VP2PError):
+    """A store is missing, damaged, or was made for something else."""
+
+
+class StoreLocation(str, Enum):
+    CPU = "cpu"
+    DISK = "disk"
+
+    @classmethod
+    def parse(cls, value: "str | StoreLocation") -> "StoreLocation":
+        return parse_option(cls, value, "store_location", "a store location")
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What a store holds: steps ``0…stored_steps−1`` of a ``steps``-step schedule, layers with
+    ≤ ``max_tokens`` tokens per frame, ``frames`` frames with ``frame_mode`` frame attention,
+    recorded with the source conditioning whose digest is ``cond_digest``."""
+
+    steps: int
+    stored_steps: int
+    max_tokens: int
+    frames: int
+    frame_mode: str
+    cond_digest: str
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.stored_steps <= self.steps:
+            raise AttentionStoreError(f"stored_steps={self.stored_steps} must be between 0 and steps={self.steps}.")
+
+    @classmethod
+    def for_fraction(cls, steps: int, fraction: float, max_tokens: int, frames: int, frame_mode: FrameMode,
+                     cond_digest: str) -> "StoreSpec":
+        """Store the first ``fraction`` of the edit's steps (rounded up: what fractions ≤ it read)."""
+        if not 0.0 < fraction <= 1.0:
+            raise AttentionStoreError(f"store_steps={fraction} is a fraction of the steps; use a number in (0, 1].")
+        stored = min(steps, int(-(-fraction * steps // 1)))
+        return cls(steps, stored, int(max_tokens), frames, FrameMode.parse(frame_mode).value, cond_digest)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "StoreSpec":
+        try:
+            return cls(**json.loads(text))
+        except (TypeError, ValueError) as e:
+            raise AttentionStoreError(f"An attention store description is unreadable ({e}); the store is damaged.") from e
+
+
+def entry(kind: str, key: LayerKey, part: str) -> str:
+    """The name of one stored tensor of a step: ``attn1.input_4_0.q``."""
+    return f"{kind}.{key.slug}.{part}"
+
+
+def parse_entry(name: str) -> tuple[str, LayerKey, str]:
+    kind, rest = name.split(".", 1)
+    slug, part = rest.rsplit(".", 1)
+    return kind, LayerKey.from_slug(slug), part
+
+
+class AttentionStore:
+    """Per-step tensors (see the module docstring), in memory or in a folder of shards.
+
+    Recording: ``put`` tensors as the inversion produces them (a step is written out when the
+    next step starts), then ``finish``. Reading: ``get(step, name)``; with a folder and no
+    copy in memory, a step's shard is read when first asked for and kept until another is.
+    """
+
+    def __init__(self, spec: StoreSpec, directory: Optional[Path] = None, in_memory: bool = True) -> None:
+        if directory is None and not in_memory:
+            raise AttentionStoreError("An attention store kept on disk needs a folder.")
+        self.spec = spec
+        self.directory = directory
+        self.in_memory = in_memory
+        self._steps: dict[int, dict[str, torch.Tensor]] = {}
+        self._recording: Optional[int] = None
+        self._loaded: Optional[int] = None  # the one step read back from disk (disk mode)
+        self.nbytes = 0
+        self.complete = False
+        self.record_order: list[int] = []  # steps in the order they were recorded
+        self.read_order: list[int] = []  # steps in the order an edit first read them
+
+    # -- recording --------------------------------------------------------------------------
+    def put(self, step: int, name: str, tensor: torch.Tensor) -> None:
+        if self._recording is not None and step != self._recording:
+            self._flush(self._recording)
+        if step != self._recording:
+            self._recording = step
+            self.record_order.append(step)
+        t = tensor.detach().to("cpu", STORE_DTYPE).contiguous()
+        old = self._steps.setdefault(step, {}).get(name)
+        self.nbytes += t.numel() * t.element_size() - (0 if old is None else old.numel() * old.element_size())
+        self._steps[step][name] = t
+
+    def _flush(self, step: int) -> None:
+        tensors = self._steps.get(step)
+        if self.directory is None or not tensors:
+            return
+        _write_atomic(self.directory / _shard(step), tensors, {"format": STORE_FORMAT, "step": str(step)})
+        if not self.in_memory:
+            del self._steps[step]
+
+    def finish(self) -> "AttentionStore":
+        """Write out what is pending and (with a folder) the description that marks the store whole."""
+        if self._recording is not None:
+            self._flush(self._recording)
+            self._recording = None
+        missing = [s for s in range(self.spec.stored_steps) if s not in self.record_order]
+        if missing:
+            raise AttentionStoreError(f"The attention store lacks steps {missing}; the recording was cut short.")
+        if self.directory is not None:
+            meta = {"format": STORE_FORMAT, "spec": json.loads(self.spec.to_json()), "nbytes": self.nbytes}
+            _write_text_atomic(self.directory / "spec.json", json.dumps(meta))
+        self.complete = True
+        return self
+
+    # -- reading ----------------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, torch.Tensor]:
+        """All tensors of one step (raises when the step is not stored)."""
+        if not 0 <= step < self.spec.stored_steps:
+            raise AttentionStoreError(
+                f"The attention store holds steps 0–{self.spec.stored_steps - 1} of {self.spec.steps}; step {step} was asked for."
+            )
+        if step not in self.read_order:
+            self.read_order.append(step)
+        if step in self._steps:
+            return self._steps[step]
+        if self.directory is None:
+            raise AttentionStoreError(f"The attention store has no step {step}; it is damaged. Invert again with store_attention.")
+        if self._loaded is not None and not self.in_memory:
+            self._steps.pop(self._loaded, None)
+        self._steps[step] = _read_shard(self.directory / _shard(step))
+        self._loaded = step
+        return self._steps[step]
+
+    def get(self, step: int, name: str) -> torch.Tensor:
+        tensors = self.step(step)
+        if name not in tensors:
+            kind, key, _ = parse_entry(name)
+            raise AttentionStoreError(
+                f"The attention store has no {kind} of layer {key} at step {step}: it was recorded with another model or "
+                "other layers. Invert again with store_attention on this MODEL."
+            )
+        return tensors[name]
+
+    def names(self, step: int) -> list[str]:
+        return list(self.step(step))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor as ``{"<step>/<name>": tensor}`` (reads all shards: for saving)."""
+        return {f"{s}/{n}": t for s in range(self.spec.stored_steps) for n, t in self.step(s).items()}
+
+    @classmethod
+    def from_tensors(cls, spec: StoreSpec, tensors: dict[str, torch.Tensor]) -> "AttentionStore":
+        store = cls(spec)
+        for name, t in tensors.items():
+            s, n = name.split("/", 1)
+            store.put(int(s), n, t)
+        store._recording = None
+        return store.finish()
+
+    @classmethod
+    def open(cls, directory: Path, in_memory: bool) -> "AttentionStore":
+        """A finished store folder; ``in_memory`` reads every shard now (cpu), else step by step (disk)."""
+        try:
+            meta = json.loads((directory / "spec.json").read_text())
+        except FileNotFoundError:
+            raise AttentionStoreError(f"{directory.name} is not a finished attention store (no spec.json).") from None
+        except (OSError, ValueError) as e:
+            raise AttentionStoreError(f"{directory.name}/spec.json is unreadable ({e}).") from e
+        if meta.get("format") != STORE_FORMAT:
+            raise AttentionStoreError(f"{directory.name} is not an attention store of this pack (format {meta.get('format')!r}).")
+        store = cls(StoreSpec.from_json(json.dumps(meta["spec"])), directory, in_memory)
+        store.nbytes = int(meta.get("nbytes", 0))
+        for s in range(store.spec.stored_steps):
+            if not (directory / _shard(s)).is_file():
+                raise AttentionStoreError(f"{directory.name} lacks the shard of step {s}; the store is damaged.")
+            if in_memory:
+                store._steps[s] = _read_shard(directory / _shard(s))
+        store.complete = True
+        return store
+
+
+def _shard(step: int) -> str:
+    return f"step_{step:04d}.safetensors"
+
+
+def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=str(path.parent))
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=str(path.parent))
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _read_shard(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AttentionStoreError(f"{path.parent.name}/{path.name} is unreadable ({e}); invert again with store_attention.") from e
+
+
+# -- recording ------------------------------------------------------------------------------------
+
+class StoreRecorder(AttentionController):
+    """Records the source's conditional attention into a store while the inversion runs.
+
+    It never changes an output: cross-attention probabilities are computed beside the fast
+    path, so an inversion with a store is the same inversion as one without."""
+
+    def __init__(self, store: AttentionStore, schedule: Schedule) -> None:
+        if schedule.steps != store.spec.steps:
+            raise AttentionStoreError(f"A store for {store.spec.steps} steps cannot record a {schedule.steps}-step inversion.")
+        self.store = store
+        self.sigmas = schedule.sigmas
+
+    def override(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+        if call.kind not in (ATTN1, ATTN2) or call.sigmas is None:
+            return None
+        step = sigma_index(self.sigmas, call.sigmas)
+        spec = self.store.spec
+        if step is None or step >= spec.stored_steps or call.frame_tokens(q) > spec.max_tokens:
+            return None
+        video = call.layout.video_of(COND, SOURCE)
+        if video is None:
+            return None
+        per = q.shape[0] // call.layout.videos
+        rows = slice(video * per, (video + 1) * per)
+        if call.kind == ATTN1:
+            self.store.put(step, entry(ATTN1, call.key, "q"), q[rows])
+            self.store.put(step, entry(ATTN1, call.key, "k"), compact_keys(k[rows], call.frame_mode, call.layout.frames))
+        else:
+            self.store.put(step, entry(ATTN2, call.key, "p"), attention_probabilities(q[rows], k[rows], call.heads))
+        return None
+
+
+def store_nbytes(frames: int, layers: list[tuple[int, int, int]], frame_mode: FrameMode, context: int, stored_steps: int,
+                 max_tokens: int = DEFAULT_MAX_TOKENS) -> int:
+    """The store's size in bytes: per stored step and per layer with N ≤ ``max_tokens`` tokens per
+    frame (``layers``: (N, channels C, heads H) of every transformer block), fp16 queries F·N·C,
+    keys K·N·C (K = ``key_frames``) and cross probabilities F·H·N·T."""
+    kf = key_frames(frame_mode, frames)
+    size = STORE_DTYPE.itemsize
+    per_step = sum((frames * n * c + kf * n * c + frames * h * n * context) * size for n, c, h in layers if n <= max_tokens)
+    return per_step * stored_steps
+
+
+def record_missing_steps(denoise, trajectory: torch.Tensor, cond: torch.Tensor, schedule: Schedule, store: AttentionStore) -> int:
+    """Record every stored step the inversion did not (step 0 always: the inversion never
+    evaluates the first sigma; all of them for a store added to a cached inversion).
+
+    ``denoise(x, σ, cond)`` must carry a ``StoreRecorder`` of ``store`` in its run state;
+    trajectory [S+1, F, C, h, w] (σ-space), cond [1|F, T, D]. Steps are recorded from the
+    last to the first, as the inversion would. Returns the number of UNet calls made."""
+    frames = trajectory.shape[1]
+    sig = schedule.sigmas.to(trajectory.device)
+    context = cond if cond.shape[0] == frames else cond.expand(frames, *cond.shape[1:])
+    calls = 0
+    for step in reversed(range(store.spec.stored_steps)):
+        if step not in store.record_order:
+            denoise(trajectory[step].float(), sig[step].expand(frames), context)
+            calls += 1
+    return calls
