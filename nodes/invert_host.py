@@ -12,6 +12,11 @@ disk cache.
 * Cache key: the MODEL's fingerprint (effective weights, temporal layers, T2S settings),
   the latents, both conditionings and the settings. A hit costs a file read and no UNet
   call; a damaged file is reported and recomputed (``vp2p.disk_cache``).
+* FateZero's attention store (``store_attention``) is recorded while the DDIM inversion runs
+  (plus one call at the first sigma, which inversion never evaluates) and cached apart from
+  the inversion, in a folder named by the inversion's key and the store's settings: turning
+  the store on later costs one UNet call per stored step on the cached trajectory, not a
+  new inversion.
 """
 
 from __future__ import annotations
@@ -25,14 +30,15 @@ from typing import Any, Callable, Optional
 import comfy.model_management
 import torch
 
-from ..vp2p import SettingsError
+from ..vp2p import RUN_STATE_KEY, LayoutSpec, RunState, SettingsError
+from ..vp2p.attention_store import AttentionStore, AttentionStoreError, StoreLocation, StoreRecorder, StoreSpec, record_missing_steps
 from ..vp2p.disk_cache import load_or_compute
 from ..vp2p.fingerprint import fingerprint
 from ..vp2p.inversion import InversionMode, InversionSettings, ddim_invert, optimise_null_text
 from ..vp2p.inversion_file import FORMAT, Inversion, load_inversion, save_inversion
 from ..vp2p.schedule import Schedule
 from .autograd_host import autograd, denoiser, make_autograd_clone
-from .comfy_host import check_latent
+from .comfy_host import check_latent, get_state
 from .model_facts import alphas_cumprod, conditioning_tensor, model_fingerprint, prediction_kind
 
 log = logging.getLogger("VideoP2P")
@@ -57,8 +63,9 @@ def _embeddings(positive: list, negative: list, frames: int, mode: InversionMode
 
 
 def invert(model: Any, positive: list, negative: list, samples: torch.Tensor, settings: InversionSettings,
-           progress: Optional[Progress] = None, fingerprint_: Optional[str] = None) -> Inversion:
-    """Invert a video (LATENT samples [F, C, h, w]) with ``model``; ``model`` is not changed."""
+           progress: Optional[Progress] = None, fingerprint_: Optional[str] = None, store: Optional[AttentionStore] = None) -> Inversion:
+    """Invert a video (LATENT samples [F, C, h, w]) with ``model``; ``model`` is not changed.
+    With ``store`` the source attention is recorded into it on the way (not finished here)."""
     check_latent(model, samples, NODE)
     frames = samples.shape[0]
     cond_in, neg_in = _embeddings(positive, negative, frames, settings.mode)
@@ -91,8 +98,11 @@ def invert(model: Any, positive: list, negative: list, samples: torch.Tensor, se
         null_init = neg_in.detach().clone().to(device, torch.float32)
         schedule = Schedule.reference(steps, alphas_cumprod(model))  # built here: ordinary tensors under autograd
         den = denoiser(mp)
+        den_inv = den if store is None else recording_denoiser(mp, store, schedule, frames)
         with torch.no_grad():
-            trajectory = ddim_invert(den, x0, cond, schedule, should_stop=stop, on_step=inverted)
+            trajectory = ddim_invert(den_inv, x0, cond, schedule, should_stop=stop, on_step=inverted)
+            if store is not None:
+                record_missing_steps(den_inv, trajectory, cond, schedule, store)
         result = optimise_null_text(den, trajectory, cond, null_init, schedule, settings, on_step=optimised, should_stop=stop)
     if result.iterations:
         log.info("%s: %s, inner iterations per step %s (mean %.1f), last loss %.3g", NODE, settings.mode.value,
@@ -107,6 +117,33 @@ def invert(model: Any, positive: list, negative: list, samples: torch.Tensor, se
     )
 
 
+def recording_denoiser(mp: Any, store: AttentionStore, schedule: Schedule, frames: int):
+    """A conditional-only denoiser whose attention calls record into ``store``."""
+    return denoiser(mp, {RUN_STATE_KEY: RunState(StoreRecorder(store, schedule), LayoutSpec(frames))})
+
+
+def record_for_cached(model: Any, inv: Inversion, store: AttentionStore) -> int:
+    """Record a store for an inversion that came from the cache: one UNet call per stored step,
+    on its trajectory (exactly the latents the inversion evaluated). Returns the calls made."""
+    comfy.model_management.load_models_gpu([model])
+    device = model.load_device
+    with torch.no_grad():
+        return record_missing_steps(recording_denoiser(model, store, inv.schedule, inv.frames), inv.trajectory.to(device),
+                                    inv.cond.to(device), inv.schedule, store)
+
+
+def store_spec(model: Any, positive: list, frames: int, steps: int, fraction: float, max_tokens: int) -> StoreSpec:
+    state = get_state(model)
+    if state is None:
+        raise SettingsError(
+            f"{NODE}: store_attention records attention through the pack's attention patch, and this MODEL has none. Put "
+            "'Inflate to T2S' before the inverter (middle_frame and no temporal attention for a zero-shot FateZero edit)."
+        )
+    cond = conditioning_tensor(positive, frames, "positive", NODE)
+    return StoreSpec.for_fraction(steps, fraction, max_tokens, frames, state.settings.frame_attention,
+                                  fingerprint([("cond", cond)], {"what": "source conditioning"}))
+
+
 def cache_key(fp: str, samples: torch.Tensor, positive: list, negative: list, settings: InversionSettings) -> str:
     cond, neg = _embeddings(positive, negative, samples.shape[0], settings.mode)
     return fingerprint([("latents", samples), ("cond", cond), ("negative", neg)],
@@ -114,14 +151,43 @@ def cache_key(fp: str, samples: torch.Tensor, positive: list, negative: list, se
 
 
 def invert_cached(model: Any, positive: list, negative: list, samples: torch.Tensor, settings: InversionSettings,
-                  cache: Optional[Path], progress: Optional[Progress] = None) -> Inversion:
-    """``invert`` behind a content-addressed file in ``cache`` (no cache when ``None``)."""
+                  cache: Optional[Path], progress: Optional[Progress] = None, store_spec_: Optional[StoreSpec] = None,
+                  store_location: StoreLocation = StoreLocation.CPU, store_root: Optional[Path] = None) -> Inversion:
+    """``invert`` behind a content-addressed file in ``cache`` (no cache when ``None``); with
+    ``store_spec_`` also FateZero's attention store, cached in a folder under ``cache`` (a
+    ``disk`` store always lives in a folder: under ``cache``, else ``store_root``)."""
     check_latent(model, samples, NODE)
     fp = model_fingerprint(model)
-    path = None
-    if cache is not None:
-        path = cache / f"inversion_{cache_key(fp, samples, positive, negative, settings)[:40]}.safetensors"
-    inv, _ = load_or_compute(path, load_inversion, lambda: invert(model, positive, negative, samples, settings, progress, fingerprint_=fp),
-                             save_inversion, NODE)
+    key = cache_key(fp, samples, positive, negative, settings)
+    path = None if cache is None else cache / f"inversion_{key[:40]}.safetensors"
+    store, recording = None, None
+    if store_spec_ is not None:
+        on_disk = store_location is StoreLocation.DISK
+        root = cache if cache is not None else (store_root if on_disk else None)
+        folder = None if root is None else root / f"attention_{fingerprint((), {'inversion': key, 'spec': store_spec_.to_json()})[:40]}"
+        if cache is not None and folder is not None and (folder / "spec.json").is_file():
+            try:
+                store = AttentionStore.open(folder, in_memory=not on_disk)
+                log.info("%s: attention store cache hit %s.", NODE, folder.name)
+            except AttentionStoreError as e:
+                log.warning("%s: ignoring a damaged attention store (%s); recording again.", NODE, e)
+        if store is None:
+            if folder is not None and (folder / "spec.json").exists():
+                (folder / "spec.json").unlink()  # whole again only once the new recording is finished
+            recording = AttentionStore(store_spec_, folder, in_memory=not on_disk)
+    inv, hit = load_or_compute(path, load_inversion,
+                               lambda: invert(model, positive, negative, samples, settings, progress, fingerprint_=fp, store=recording),
+                               save_inversion, NODE)
+    if recording is not None:
+        if hit:
+            calls = record_for_cached(model, inv, recording)
+            log.info("%s: recorded the attention store on the cached inversion (%d UNet calls).", NODE, calls)
+        store = recording.finish()
+    if store is not None:
+        inv.attention = store
+        s = store.spec
+        log.info("%s: attention store of %d/%d steps, layers ≤ %d tokens per frame, %d frames (%s): %.3f GB in fp16, kept %s.",
+                 NODE, s.stored_steps, s.steps, s.max_tokens, s.frames, s.frame_mode, store.nbytes / 1e9,
+                 "in memory" if store.in_memory else f"on disk in {store.directory}")
     return inv
 

@@ -7,6 +7,7 @@ import logging
 
 from comfy_api.latest import io
 
+from ..vp2p.attention_store import StoreLocation
 from ..vp2p.inversion import InversionMode, InversionSettings
 
 log = logging.getLogger("VideoP2P")
@@ -63,11 +64,27 @@ class NullTextInvert(io.ComfyNode):
                                tooltip="Stop a step's optimisation once its loss is below early_stop + step·2e-5 (as the "
                                        "reference). Larger is faster and less exact."),
                 io.Boolean.Input("store_attention", default=False,
-                                 tooltip="Also store the source attention for the FateZero controller. Not available in this "
-                                         "version of the pack: leave it off."),
+                                 tooltip="Also store the source attention for the FateZero Controller (zero-shot edits): the "
+                                         "self-attention queries/keys and the cross-attention maps of the small layers, in fp16, "
+                                         "for the first store_steps of the steps. Needs a MODEL from 'Inflate to T2S'. Costs one "
+                                         "extra UNet call and the store's memory (logged; ≈6 GB for 8 frames of 512² at 50 "
+                                         "steps); P2P edits do not need it."),
                 io.Boolean.Input("use_cache", default=True, optional=True,
                                  tooltip="Reuse an identical earlier inversion from output/vp2p_inversions/cache (a hit costs a "
-                                         "file read, no UNet call)."),
+                                         "file read, no UNet call). Turning store_attention on later reuses the cached inversion "
+                                         "and records only the store."),
+                io.Float.Input("store_steps", default=0.8, min=0.02, max=1.0, step=0.02, optional=True,
+                               tooltip="Store the attention of this fraction of the edit's first (noisiest) steps: what the "
+                                       "FateZero Controller's cross_replace, self_replace and latent blend read at most "
+                                       "(FateZero's defaults: 0.8). Less is smaller; the controller says when it needs more."),
+                io.Int.Input("store_max_tokens", default=1024, min=1, max=1 << 20, optional=True,
+                             tooltip="Store the layers with at most this many tokens per frame (FateZero: 32×32 = 1024, i.e. "
+                                     "all but the finest layers at 512²). Fusion acts on exactly the stored layers."),
+                io.Combo.Input("store_location", options=[s_.value for s_ in StoreLocation], default=StoreLocation.CPU.value,
+                               optional=True,
+                               tooltip="cpu: the store is kept in RAM (fastest edits). disk: one file per step under "
+                                       "output/vp2p_inversions/cache, read back one step at a time while editing (RAM stays "
+                                       "at one step)."),
             ],
             outputs=[
                 Inversion.Output("inversion", tooltip="The inversion: latent trajectory, per-step null embeddings, source "
@@ -80,19 +97,14 @@ class NullTextInvert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent, steps: int, cfg: float, mode: str, inner_steps: int,
-                early_stop: float, store_attention: bool, use_cache: bool = True) -> io.NodeOutput:
+                early_stop: float, store_attention: bool, use_cache: bool = True, store_steps: float = 0.8,
+                store_max_tokens: int = 1024, store_location: str = "cpu") -> io.NodeOutput:
         import comfy.utils
 
-        from ..vp2p import SettingsError
-        from .invert_host import invert_cached
+        from .invert_host import invert_cached, store_spec
         from .progress import progress_text
         from .storage import inversion_cache_dir
 
-        if store_attention:
-            raise SettingsError(
-                "store_attention keeps the source attention for the FateZero controller, which this version of the pack does "
-                "not have yet. Turn store_attention off."
-            )
         settings = InversionSettings(steps=int(steps), cfg=float(cfg), mode=InversionMode.parse(mode),
                                      inner_steps=int(inner_steps), early_stop=float(early_stop))
         samples = latent.get("samples") if isinstance(latent, dict) else None
@@ -103,7 +115,14 @@ class NullTextInvert(io.ComfyNode):
             pbar.update_absolute(done, total)
             progress_text(text, node_id)
 
-        inv = invert_cached(model, positive, negative, samples, settings, inversion_cache_dir() if use_cache else None, progress)
+        spec = None
+        if store_attention:
+            from .comfy_host import check_latent
+
+            check_latent(model, samples, "Shared Null-Text Invert")
+            spec = store_spec(model, positive, samples.shape[0], settings.steps, float(store_steps), int(store_max_tokens))
+        inv = invert_cached(model, positive, negative, samples, settings, inversion_cache_dir() if use_cache else None, progress,
+                            spec, StoreLocation.parse(store_location), inversion_cache_dir())
         return io.NodeOutput(inv, _noise_latent(model, inv))
 
 

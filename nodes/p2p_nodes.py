@@ -94,6 +94,71 @@ class P2PController(io.ComfyNode):
         return io.NodeOutput(p2p)
 
 
+class FateZeroController(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VP2P_FateZeroController",
+            display_name="FateZero Controller",
+            category="video_p2p/edit",
+            description=(
+                "A zero-shot edit (FateZero): the Decoupled Sampler denoises only the target and fuses the source attention "
+                "stored during the inversion (store_attention on). Cross-attention is taken from the source as in "
+                "prompt-to-prompt; self-attention is the source's during the first self_replace of the steps, except where "
+                "the blend words attend (there the edit keeps its own). Style and attribute edits need no tuning; shape "
+                "edits work best on a tuned model with sparse_causal frame attention."
+            ),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP of the checkpoint (its own tokenizer aligns the words)."),
+                io.String.Input("source_prompt", default="a silver jeep driving down a curvy road",
+                                tooltip="Exactly the prompt the video was inverted with."),
+                io.String.Input("target_prompt", default="watercolor painting of a silver jeep driving down a curvy road",
+                                tooltip="The edited description: add a style, change an attribute or swap an object."),
+                io.Float.Input("cross_replace", default=0.8, min=0.0, max=1.0, step=0.05,
+                               tooltip="Fraction of the steps during which the target's cross-attention is rebuilt from the "
+                                       "stored source maps (layout kept). FateZero: 0.8 for style, 0.5–0.8 for attributes, "
+                                       "0.5 for shapes."),
+                io.Float.Input("self_replace", default=0.8, min=0.0, max=1.0, step=0.05,
+                               tooltip="Fraction of the steps during which the self-attention is the source's (structure and "
+                                       "motion kept), blended by the blend words' mask. FateZero: 0.8 style, 0.5 shapes."),
+                io.String.Input("blend_words", default="",
+                                tooltip="Source words whose region may change shape (e.g. 'jeep'): there the edit keeps its "
+                                        "own self-attention. Empty: the self-attention is replaced everywhere (style edits)."),
+                io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="Threshold on the blend words' normalised source cross-attention (FateZero: 0.3). 1: "
+                                       "no region (full replacement); 0: everywhere (no replacement)."),
+                io.String.Input("reweight", default="",
+                                tooltip="Scale target words' cross-attention while it is replaced, e.g. 'watercolor:10' (FateZero "
+                                        "amplifies style words by up to 10). Empty: none."),
+                io.Boolean.Input("latent_blend", default=False,
+                                 tooltip="Also keep the inverted video's latents outside the blend words' region between 20% "
+                                         "and 80% of the steps (FateZero's local latent blend). Needs blend_words."),
+                io.Combo.Input("edit", options=[k.value for k in EditKind], default=EditKind.AUTO.value, optional=True,
+                               tooltip=EDIT_HELP),
+                io.String.Input("latent_blend_target_words", default="", optional=True,
+                                tooltip="Target words whose region is added to the latent blend mask (e.g. 'porsche')."),
+                io.Float.Input("latent_blend_start", default=0.2, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="The latent blend starts at this fraction of the steps (FateZero: 0.2)."),
+                io.Float.Input("latent_blend_end", default=0.8, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="The latent blend stops at this fraction of the steps (FateZero: 0.8)."),
+            ],
+            outputs=[Control.Output("control", tooltip="The edit, for the Decoupled Sampler (with an inversion that stored "
+                                                       "attention).")],
+        )
+
+    @classmethod
+    def execute(cls, clip, source_prompt: str, target_prompt: str, cross_replace: float, self_replace: float, blend_words: str,
+                blend_threshold: float, reweight: str, latent_blend: bool, edit: str = "auto", latent_blend_target_words: str = "",
+                latent_blend_start: float = 0.2, latent_blend_end: float = 0.8) -> io.NodeOutput:
+        from .fatezero_host import build_fatezero
+
+        fz = build_fatezero(clip, source_prompt, target_prompt, float(cross_replace), float(self_replace), blend_words,
+                            float(blend_threshold), reweight, bool(latent_blend), edit, latent_blend_target_words,
+                            float(latent_blend_start), float(latent_blend_end))
+        log.info("FateZero Controller: %s, %r → %r", fz.edit.kind.value, fz.edit.source.text, fz.edit.target.text)
+        return io.NodeOutput(fz)
+
+
 class DecoupledSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -109,7 +174,8 @@ class DecoupledSampler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL the video was inverted with (checked)."),
                 Inversion.Input("inversion", tooltip="From 'Shared Null-Text Invert' or 'Load Inversion'."),
-                Control.Input("control", tooltip="From 'P2P Controller'."),
+                Control.Input("control", tooltip="From 'P2P Controller', or 'FateZero Controller' (then only the target is "
+                                                 "denoised, from the inversion's attention store)."),
                 io.Float.Input("cfg", default=7.5, min=1.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Guidance scale of the target branch (the source uses the inversion's)."),
                 io.Combo.Input("guidance", options=[g.value for g in Guidance], default=Guidance.DECOUPLED.value,
@@ -126,20 +192,30 @@ class DecoupledSampler(io.ComfyNode):
         import latent_preview
 
         from ..vp2p import SettingsError
+        from ..vp2p.fatezero import FateZeroEdit
+        from ..vp2p.inversion_file import Inversion as InversionData
         from ..vp2p.p2p import P2PEdit
         from .p2p_host import check_consistency, run_edit
 
-        if not isinstance(control, P2PEdit):
-            raise SettingsError(f"control must come from 'P2P Controller'; got {type(control).__name__}.")
-        check_consistency(model, inversion, control)
+        if not isinstance(inversion, InversionData):
+            raise SettingsError(f"inversion must come from 'Shared Null-Text Invert' or 'Load Inversion'; got {type(inversion).__name__}.")
         mode = Guidance.parse(guidance)
+        preview = latent_preview.prepare_callback(model, inversion.schedule.steps)
+        fmt = model.model.latent_format
+        if isinstance(control, FateZeroEdit):
+            from .fatezero_host import run_fused
+
+            result, _ = run_fused(model, inversion, control, float(cfg), mode,
+                                  callback=lambda i, x: preview(i, x, x, inversion.schedule.steps))
+            return io.NodeOutput({"samples": fmt.process_out(result.edited.cpu())}, {"samples": fmt.process_out(result.source.cpu())})
+        if not isinstance(control, P2PEdit):
+            raise SettingsError(f"control must come from 'P2P Controller' or 'FateZero Controller'; got {type(control).__name__}.")
+        check_consistency(model, inversion, control)
         if mode is not Guidance.FAST and inversion.null_embeddings is None:
             log.info("Decoupled Sampler: a %s inversion has no null embeddings; the source branch runs conditional only.",
                      inversion.mode.value)
-        preview = latent_preview.prepare_callback(model, inversion.schedule.steps)
         result, _ = run_edit(model, inversion, control, float(cfg), mode,
                              callback=lambda i, x: preview(i, x, x, inversion.schedule.steps))
-        fmt = model.model.latent_format
         return io.NodeOutput({"samples": fmt.process_out(result.edited.cpu())}, {"samples": fmt.process_out(result.source.cpu())})
 
 

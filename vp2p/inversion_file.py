@@ -2,19 +2,21 @@
 
 The trajectory is kept whole (the edit's source branch is fully determined by it), with
 the per-step null embeddings, the source conditioning, the schedule, the mode and the
-fingerprint of the model it was made with. ``attention`` is room for stored attention
-(FateZero). Files are written atomically; a damaged file raises ``InversionFileError``.
+fingerprint of the model it was made with, and optionally FateZero's attention store (saved
+as ``attention.<step>/<entry>`` tensors with its description in the metadata). Files are
+written atomically; a damaged file raises ``InversionFileError``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .attention_store import AttentionStore, AttentionStoreError, StoreSpec
 from .errors import VP2PError
 from .inversion import InversionMode
 from .safetensors_io import read_checked, write_atomic
@@ -50,7 +52,7 @@ class Inversion:
     # A generated video ("Start From Noise"): only z_T exists, the source prompt is the controller's,
     # the source branch is guided with ``negative`` at the sampler's cfg, and any SD model fits.
     generated: bool = False
-    attention: dict[str, torch.Tensor] = field(default_factory=dict)
+    attention: Optional[AttentionStore] = None  # FateZero's store of the source attention
 
     @property
     def frames(self) -> int:
@@ -69,13 +71,15 @@ class Inversion:
         for name in ("null_embeddings", "negative", "iterations", "source_path"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
-        out.update({f"attention.{k}": v for k, v in self.attention.items()})
+        if self.attention is not None:
+            out.update({f"attention.{k}": v for k, v in self.attention.tensors().items()})
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def metadata(self) -> dict[str, str]:
         return {"format": FORMAT, "mode": self.mode.value, "cfg": repr(self.cfg), "model_fingerprint": self.model_fingerprint,
                 "frames": str(self.frames), "latent_shape": json.dumps(list(self.latent_shape)),
-                "generated": "1" if self.generated else "0"}
+                "generated": "1" if self.generated else "0"} | (
+                    {"attention_spec": self.attention.spec.to_json()} if self.attention is not None else {})
 
 
 def save_inversion(path: Path, inv: Inversion) -> Path:
@@ -87,8 +91,12 @@ def load_inversion(path: Path) -> Inversion:
     try:
         inv = Inversion(t["trajectory"], t.get("null_embeddings"), t["cond"], Schedule(t["timesteps"], t["sigmas"]),
                         InversionMode.parse(meta["mode"]), float(meta["cfg"]), meta["model_fingerprint"],
-                        t.get("negative"), t.get("iterations"), t.get("source_path"), meta.get("generated") == "1",
-                        {k[len("attention."):]: v for k, v in t.items() if k.startswith("attention.")})
+                        t.get("negative"), t.get("iterations"), t.get("source_path"), meta.get("generated") == "1")
+        if "attention_spec" in meta:
+            inv.attention = AttentionStore.from_tensors(StoreSpec.from_json(meta["attention_spec"]),
+                                                        {k[len("attention."):]: v for k, v in t.items() if k.startswith("attention.")})
+    except AttentionStoreError as e:
+        raise InversionFileError(f"{path.name}: its attention store is damaged ({e}). Invert again.") from e
     except KeyError as e:
         raise InversionFileError(f"{path.name} lacks {e}; it was not written by this pack or is damaged. Invert again.") from e
     if inv.mode.optimises and inv.null_embeddings is None:

@@ -1,0 +1,93 @@
+"""FateZero in ComfyUI: building the ``FateZeroEdit`` (``VP2P_CONTROL``) with the connected
+CLIP, and the target-only sampling run that fuses the inversion's attention store.
+
+The prompts, word alignment and re-weighting are prompt-to-prompt's (``p2p_host.build_edit``);
+FateZero adds the blend words' source mask for self-attention and the latent blend window.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import comfy.model_management
+import torch
+
+from ..vp2p import RUN_STATE_KEY, RunState, SettingsError
+from ..vp2p.edit import EditInputs, EditResult, Guidance, fused_edit
+from ..vp2p.fatezero import FateZeroController, FateZeroEdit, check_store_covers
+from ..vp2p.inversion_file import Inversion
+from ..vp2p.local_blend import LocalBlend, LocalBlendSpec
+from ..vp2p.prompt_align import split_words, word_positions
+from .comfy_host import get_state
+from .p2p_host import build_edit, check_consistency
+
+NODE = "FateZero Controller"
+
+
+def build_fatezero(clip: Any, source_prompt: str, target_prompt: str, cross_replace: float, self_replace: float, blend_words: str,
+                   blend_threshold: float, reweight: str, latent_blend: bool, edit: str = "auto", latent_blend_target_words: str = "",
+                   latent_blend_start: float = 0.2, latent_blend_end: float = 0.8) -> FateZeroEdit:
+    p2p = build_edit(clip, source_prompt, target_prompt, edit, cross_replace, self_replace, "", "", blend_threshold, reweight)
+    words = split_words(blend_words)
+    positions = tuple(word_positions(p2p.source, words, "blend_words", "source")) if words else ()
+    if latent_blend:
+        if not words:
+            raise SettingsError(f"{NODE}: latent_blend keeps the video outside the blend words' region, so it needs blend_words "
+                                "(source words, e.g. 'jeep'). Name them, or turn latent_blend off.")
+        if not 0.0 <= latent_blend_start < latent_blend_end <= 1.0:
+            raise SettingsError(f"{NODE}: the latent blend runs from latent_blend_start={latent_blend_start} to "
+                                f"latent_blend_end={latent_blend_end}; use 0 ≤ start < end ≤ 1 (FateZero: 0.2 to 0.8).")
+        target_words = split_words(latent_blend_target_words)
+        p2p.blend = LocalBlendSpec(positions, tuple(word_positions(p2p.target, target_words, "latent_blend_target_words", "target")),
+                                   threshold=float(blend_threshold), start=float(latent_blend_start), average=False,
+                                   end=float(latent_blend_end))
+    return FateZeroEdit(p2p, positions, float(blend_threshold))
+
+
+def check_fusion(model: Any, inversion: Inversion, control: FateZeroEdit) -> None:
+    """Everything a fused edit needs, checked before any UNet call."""
+    if not isinstance(inversion, Inversion):
+        raise SettingsError(f"inversion must come from 'Shared Null-Text Invert' or 'Load Inversion'; got {type(inversion).__name__}.")
+    if inversion.generated:
+        raise SettingsError("A FateZero control edits a real video through its stored attention; 'Start From Noise' has none. "
+                            "Invert the video with store_attention on, or use a P2P Controller on generated videos.")
+    check_consistency(model, inversion, control.edit)
+    if inversion.attention is None:
+        raise SettingsError(
+            "This inversion has no attention store, which the FateZero control reads. Turn on store_attention in 'Shared "
+            "Null-Text Invert' and queue again: the cached inversion is reused and only the store is recorded."
+        )
+    if get_state(model) is None:
+        raise SettingsError("The MODEL has no pack attention patch to fuse the stored attention with; use the MODEL from "
+                            "'Inflate to T2S' (or Tune on Video) that the video was inverted with.")
+    check_store_covers(control, inversion.attention, inversion.schedule)
+
+
+def run_fused(model: Any, inversion: Inversion, control: FateZeroEdit, cfg: float, guidance: Guidance,
+              callback: Optional[Callable[[int, torch.Tensor], None]] = None) -> tuple[EditResult, FateZeroController]:
+    """Denoise the target from z_T, fusing the stored source attention; results in model space."""
+    check_fusion(model, inversion, control)
+    comfy.model_management.load_models_gpu([model])
+    device = model.load_device
+    base_options = model.model_options.get("transformer_options", {})
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, cond_or_uncond: list[int], run: RunState) -> torch.Tensor:
+        to = base_options.copy()
+        to["cond_or_uncond"] = list(cond_or_uncond)
+        to["sigmas"] = sigma
+        to[RUN_STATE_KEY] = run
+        return model.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to)
+
+    sched = inversion.schedule
+    latent_hw = tuple(inversion.latent_shape[-2:])
+    blend = LocalBlend(control.edit.blend, inversion.frames, latent_hw, sched.steps) if control.edit.blend is not None else None
+    controller = FateZeroController(control, inversion.attention, sched, latent_hw, blend)
+    inputs = EditInputs(
+        z_t=inversion.z_t.to(device), schedule=sched, cond=inversion.cond.to(device),
+        null_embeddings=None if inversion.null_embeddings is None else inversion.null_embeddings.to(device),
+        negative=(inversion.negative if inversion.negative is not None else inversion.cond).to(device), cfg=inversion.cfg)
+    with torch.inference_mode():
+        result = fused_edit(denoise, inputs, inversion.trajectory.to(device), control.edit.target_cond.to(device), cfg, guidance,
+                            controller, blend, on_step=callback,
+                            should_stop=comfy.model_management.throw_exception_if_processing_interrupted)
+    return result, controller
