@@ -233,7 +233,8 @@ class AttentionMaps(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL the video was inverted with."),
                 Inversion.Input("inversion", tooltip="From 'Shared Null-Text Invert' or 'Load Inversion'."),
-                Control.Input("control", tooltip="From 'P2P Controller' (its prompts, and its blend words by default)."),
+                Control.Input("control", tooltip="From 'P2P Controller' or 'FateZero Controller' (its prompts, and its blend "
+                                                 "words by default)."),
                 io.String.Input("source_words", default="",
                                 tooltip="Words of the source prompt to show (comma-separated). Empty: the controller's "
                                         "blend_source_words."),
@@ -258,12 +259,16 @@ class AttentionMaps(io.ComfyNode):
         import torch.nn.functional as F
 
         from ..vp2p import SettingsError
+        from ..vp2p.fatezero import FateZeroEdit
         from ..vp2p.p2p import P2PEdit
         from ..vp2p.prompt_align import split_words
         from .p2p_host import check_consistency, word_maps
 
+        fatezero = isinstance(control, FateZeroEdit)
+        if fatezero:  # its prompts; its blend words are source words
+            control, blend_positions = control.edit, control.mask_positions
         if not isinstance(control, P2PEdit):
-            raise SettingsError(f"control must come from 'P2P Controller'; got {type(control).__name__}.")
+            raise SettingsError(f"control must come from 'P2P Controller' or 'FateZero Controller'; got {type(control).__name__}.")
         check_consistency(model, inversion, control)
 
         def words(text: str, fallback: tuple[int, ...], prompt) -> list[str]:
@@ -276,7 +281,11 @@ class AttentionMaps(io.ComfyNode):
             return names
 
         blend = control.blend
-        src = words(source_words, blend.source_positions if blend else (), control.source)
+        src = words(source_words, blend_positions if fatezero else (blend.source_positions if blend else ()), control.source)
+        if fatezero and not split_words(target_words) and not (blend and blend.target_positions):
+            # a FateZero control names source words only: show the target's new words (else the same words)
+            new_words = [w for w in control.target.words if w not in control.source.words]
+            target_words = ", ".join(new_words or [w for w in src if w in control.target.words])
         tgt = words(target_words, blend.target_positions if blend else (), control.target)
         maps, mask = word_maps(model, inversion, control, float(at_step), src, tgt, float(threshold))
         scale = 8  # latent -> pixels for SD's VAE

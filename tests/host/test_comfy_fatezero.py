@@ -162,3 +162,13 @@ def test_save_and_load_keep_the_store(pack, zero_shot, tmp_path):
     assert back.attention.nbytes == inv.attention.nbytes
     for name, t in inv.attention.step(0).items():
         assert torch.equal(back.attention.get(0, name), t)
+
+
+def test_attention_maps_show_a_fatezero_controls_blend_words(pack, zero_shot, clip):
+    _, model, latents, inv = zero_shot
+    control = fatezero(pack, clip, blend_words="jeep", blend_threshold=0.5)
+    with torch.inference_mode():
+        src, tgt, mask = nodes_of(pack)["VP2P_AttentionMaps"].execute(model=model, inversion=inv, control=control, source_words="",
+                                                                      target_words="", at_step=0.5, threshold=0.5).result
+    assert src.shape == (FRAMES, 64, 64, 3) and tgt.shape == src.shape and mask.shape == (FRAMES, 64, 64)
+    assert 0 < float(mask.mean()) < 1
