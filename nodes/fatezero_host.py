@@ -13,6 +13,7 @@ import comfy.model_management
 import torch
 
 from ..vp2p import RUN_STATE_KEY, RunState, SettingsError
+from ..vp2p.attention_store import check_store_matches
 from ..vp2p.edit import EditInputs, EditResult, Guidance, fused_edit
 from ..vp2p.fatezero import FateZeroController, FateZeroEdit, check_store_covers
 from ..vp2p.inversion_file import Inversion
@@ -60,6 +61,7 @@ def check_fusion(model: Any, inversion: Inversion, control: FateZeroEdit) -> Non
     if get_state(model) is None:
         raise SettingsError("The MODEL has no pack attention patch to fuse the stored attention with; use the MODEL from "
                             "'Inflate to T2S' (or Tune on Video) that the video was inverted with.")
+    check_store_matches(inversion.attention, inversion.cond)
     check_store_covers(control, inversion.attention, inversion.schedule)
 
 

@@ -31,7 +31,7 @@ import comfy.model_management
 import torch
 
 from ..vp2p import RUN_STATE_KEY, LayoutSpec, RunState, SettingsError
-from ..vp2p.attention_store import AttentionStore, AttentionStoreError, StoreLocation, StoreRecorder, StoreSpec, record_missing_steps
+from ..vp2p.attention_store import AttentionStore, AttentionStoreError, StoreLocation, StoreRecorder, StoreSpec, cond_digest, record_missing_steps
 from ..vp2p.disk_cache import load_or_compute
 from ..vp2p.fingerprint import fingerprint
 from ..vp2p.inversion import InversionMode, InversionSettings, ddim_invert, optimise_null_text
@@ -140,8 +140,7 @@ def store_spec(model: Any, positive: list, frames: int, steps: int, fraction: fl
             "'Inflate to T2S' before the inverter (middle_frame and no temporal attention for a zero-shot FateZero edit)."
         )
     cond = conditioning_tensor(positive, frames, "positive", NODE)
-    return StoreSpec.for_fraction(steps, fraction, max_tokens, frames, state.settings.frame_attention,
-                                  fingerprint([("cond", cond)], {"what": "source conditioning"}))
+    return StoreSpec.for_fraction(steps, fraction, max_tokens, frames, state.settings.frame_attention, cond_digest(cond))
 
 
 def cache_key(fp: str, samples: torch.Tensor, positive: list, negative: list, settings: InversionSettings) -> str:

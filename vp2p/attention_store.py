@@ -100,6 +100,22 @@ class StoreSpec:
             raise AttentionStoreError(f"An attention store description is unreadable ({e}); the store is damaged.") from e
 
 
+def cond_digest(cond: torch.Tensor) -> str:
+    """The digest of a source conditioning [1|F, T, D] that a store records (dtype and device aside)."""
+    from .fingerprint import fingerprint
+
+    return fingerprint([("cond", cond.detach().float().cpu())], {"what": "source conditioning"})
+
+
+def check_store_matches(store: AttentionStore, cond: torch.Tensor) -> None:
+    """Refuse a store recorded with another source conditioning than ``cond``."""
+    if store.spec.cond_digest != cond_digest(cond):
+        raise AttentionStoreError(
+            "The attention store was recorded with another source prompt than this inversion's: the file was mixed up or "
+            "damaged. Invert again with store_attention."
+        )
+
+
 def entry(kind: str, key: LayerKey, part: str) -> str:
     """The name of one stored tensor of a step: ``attn1.input_4_0.q``."""
     return f"{kind}.{key.slug}.{part}"

@@ -37,6 +37,7 @@ from .frame_attention import FrameMode, expand_keys
 from .layout import COND, TARGET
 from .local_blend import LocalBlend, blend_factor, grid_of, normalised_maps
 from .p2p import P2PController, P2PEdit
+from .prompt_align import EditKind
 from .schedule import Schedule
 
 
@@ -114,12 +115,15 @@ class FateZeroController(AttentionController):
         if not cross and not record:
             return None
         p_src = self.store.get(step, entry(ATTN2, call.key, "p")).to(q.device, torch.float32)
-        p_tgt = attention_probabilities(q, k, call.heads)
-        if p_src.shape != p_tgt.shape:
+        want = (q.shape[0], call.heads, q.shape[1], k.shape[1])
+        if tuple(p_src.shape) != want:
             raise AttentionStoreError(
                 f"The stored cross-attention of layer {call.key} has shape {list(p_src.shape)}, the edit's "
-                f"{list(p_tgt.shape)}: the store was made for another video size or model. Invert again."
+                f"{list(want)}: the store was made for another video size or model. Invert again."
             )
+        # a word swap replacing every token needs none of the target's own maps
+        whole = cross and self.fz.edit.kind is EditKind.REPLACE and bool(self.alpha[step].all())
+        p_tgt = p_src if whole and not record else attention_probabilities(q, k, call.heads)
         if record:
             self.blend.record(call.key, p_src, p_tgt)
         edited = self.fz.edit.edit_cross(p_src, p_tgt, self.alpha[step]) if cross else p_tgt

@@ -114,6 +114,13 @@ def test_bad_inputs_are_clear(pack, zero_shot, small_models, clip):
         sample(pack, model, short, fatezero(pack, clip))
     with pytest.raises(ValueError, match="Inflate to T2S"):
         invert(pack, base, clip, latents)
+    import dataclasses
+
+    stores = pack.vp2p.attention_store
+    foreign = stores.AttentionStore.from_tensors(dataclasses.replace(inv.attention.spec, cond_digest="another prompt"),
+                                                 inv.attention.tensors())
+    with pytest.raises(ValueError, match="recorded with another source prompt"):
+        sample(pack, model, dataclasses.replace(inv, attention=foreign), fatezero(pack, clip))
     with pytest.raises(ValueError, match="source prompt .* is not the prompt"):
         sample(pack, model, inv, fatezero(pack, clip, source_prompt="a silver car driving", target_prompt="a red car driving"))
     with pytest.raises(ValueError, match="Start From Noise|has none"):
