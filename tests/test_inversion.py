@@ -120,9 +120,12 @@ def test_inversion_file_round_trip_and_checks(setup, tmp_path):
 
     den, latents, cond, empty, schedule, traj = setup
     result = optimise_null_text(den, traj, cond, empty, schedule, InversionSettings(inner_steps=2))
+    from vp2p.attention_store import AttentionStore, StoreSpec
+
+    spec = StoreSpec(schedule.steps, 2, 1024, latents.shape[0], "middle_frame", "digest")
+    store = AttentionStore.from_tensors(spec, {f"{s}/attn2.input_7_0.p": torch.randn(2, 3, dtype=torch.float16) for s in range(2)})
     inv = Inversion(traj, result.null_embeddings, cond, schedule, InversionMode.SHARED_NULL_TEXT, 7.5, "abc123",
-                    negative=empty, iterations=torch.tensor(result.iterations),
-                    attention={"attn2.input_7_0": torch.randn(2, 3, dtype=torch.float16)})
+                    negative=empty, iterations=torch.tensor(result.iterations), attention=store)
     path = save_inversion(tmp_path / "inv.safetensors", inv)
     back = load_inversion(path)
     for name, t in inv.tensors().items():
@@ -130,6 +133,7 @@ def test_inversion_file_round_trip_and_checks(setup, tmp_path):
     assert back.mode is InversionMode.SHARED_NULL_TEXT and back.cfg == 7.5 and back.frames == latents.shape[0]
     assert torch.equal(back.z_t, traj[0]) and torch.equal(back.negative, empty)
     assert back.iterations.tolist() == result.iterations
+    assert back.attention.spec == spec and torch.equal(back.attention.get(1, "attn2.input_7_0.p"), store.get(1, "attn2.input_7_0.p"))
     check_fits(back, "abc123", tuple(latents.shape), "inv")
     with pytest.raises(InversionFileError, match="different model"):
         check_fits(back, "zzz", tuple(latents.shape), "inv")
