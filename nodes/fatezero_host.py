@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 import comfy.model_management
 import torch
 
-from ..vp2p import RUN_STATE_KEY, RunState, SettingsError
+from ..vp2p import SettingsError
 from ..vp2p.attention_store import check_store_matches
 from ..vp2p.edit import EditInputs, EditResult, Guidance, fused_edit
 from ..vp2p.fatezero import FateZeroController, FateZeroEdit, check_store_covers
@@ -20,7 +20,7 @@ from ..vp2p.inversion_file import Inversion
 from ..vp2p.local_blend import LocalBlend, LocalBlendSpec
 from ..vp2p.prompt_align import split_words, word_positions
 from .comfy_host import get_state
-from .p2p_host import build_edit, check_consistency
+from .p2p_host import branch_denoiser, build_edit, check_consistency
 
 NODE = "FateZero Controller"
 
@@ -71,15 +71,7 @@ def run_fused(model: Any, inversion: Inversion, control: FateZeroEdit, cfg: floa
     check_fusion(model, inversion, control)
     comfy.model_management.load_models_gpu([model])
     device = model.load_device
-    base_options = model.model_options.get("transformer_options", {})
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, cond_or_uncond: list[int], run: RunState) -> torch.Tensor:
-        to = base_options.copy()
-        to["cond_or_uncond"] = list(cond_or_uncond)
-        to["sigmas"] = sigma
-        to[RUN_STATE_KEY] = run
-        return model.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to)
-
+    denoise = branch_denoiser(model)
     sched = inversion.schedule
     latent_hw = tuple(inversion.latent_shape[-2:])
     blend = LocalBlend(control.edit.blend, inversion.frames, latent_hw, sched.steps) if control.edit.blend is not None else None

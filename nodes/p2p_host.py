@@ -97,12 +97,9 @@ def check_consistency(model: Any, inversion: Inversion, edit: P2PEdit) -> None:
         )
 
 
-def run_edit(model: Any, inversion: Inversion, edit: P2PEdit, cfg: float, guidance: Guidance, reuse: bool = True,
-             callback: Optional[Callable[[int, torch.Tensor], None]] = None) -> tuple[EditResult, Optional[LocalBlend]]:
-    """Run the decoupled sampler on ``model``; returns the result (model space) and the blend used."""
-    frames = inversion.frames
-    comfy.model_management.load_models_gpu([model])
-    device = model.load_device
+def branch_denoiser(model: Any) -> Callable[..., torch.Tensor]:
+    """The sampler's ``BranchDenoise`` on a MODEL: rows it composed, one ``cond_or_uncond`` entry per
+    video, its run state in the transformer options (the MODEL's own patches and options still apply)."""
     base_options = model.model_options.get("transformer_options", {})
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, cond_or_uncond: list[int], run: RunState) -> torch.Tensor:
@@ -112,6 +109,16 @@ def run_edit(model: Any, inversion: Inversion, edit: P2PEdit, cfg: float, guidan
         to[RUN_STATE_KEY] = run
         return model.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to)
 
+    return denoise
+
+
+def run_edit(model: Any, inversion: Inversion, edit: P2PEdit, cfg: float, guidance: Guidance, reuse: bool = True,
+             callback: Optional[Callable[[int, torch.Tensor], None]] = None) -> tuple[EditResult, Optional[LocalBlend]]:
+    """Run the decoupled sampler on ``model``; returns the result (model space) and the blend used."""
+    frames = inversion.frames
+    comfy.model_management.load_models_gpu([model])
+    device = model.load_device
+    denoise = branch_denoiser(model)
     sched = inversion.schedule
     source_cond = edit.source_cond if inversion.generated else inversion.cond
     inputs = EditInputs(

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .attention import attention_probabilities
 from .control import ATTN1, ATTN2, AttentionCall, AttentionController
@@ -41,6 +41,7 @@ from .errors import VP2PError, parse_option
 from .frame_attention import FrameMode, compact_keys, key_frames
 from .keys import LayerKey
 from .layout import COND, SOURCE
+from .safetensors_io import write_atomic
 from .schedule import Schedule, sigma_index
 
 log = logging.getLogger("VideoP2P")
@@ -165,7 +166,7 @@ class AttentionStore:
         tensors = self._steps.get(step)
         if self.directory is None or not tensors:
             return
-        _write_atomic(self.directory / _shard(step), tensors, {"format": STORE_FORMAT, "step": str(step)})
+        write_atomic(self.directory / _shard(step), tensors, {"format": STORE_FORMAT, "step": str(step)})
         if not self.in_memory:
             del self._steps[step]
 
@@ -252,18 +253,6 @@ class AttentionStore:
 
 def _shard(step: int) -> str:
     return f"step_{step:04d}.safetensors"
-
-
-def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
