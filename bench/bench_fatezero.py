@@ -30,7 +30,7 @@ def main() -> None:
 
     from tests.helpers import init_weights, tiny_unet
     from vp2p import COND, FrameMode, LayoutSpec, T2SSettings
-    from vp2p.attention_store import DEFAULT_MAX_TOKENS, AttentionStore, StoreRecorder, StoreSpec, entry, parse_entry, record_missing_steps, store_nbytes
+    from vp2p.attention_store import DEFAULT_MAX_TOKENS, AttentionStore, StoreRecorder, StoreSpec, entry, parse_entry, store_nbytes
     from vp2p.clip_vocab import clip_tokenizer
     from vp2p.control import RunState
     from vp2p.diffusers_host import DiffusersT2S
@@ -95,7 +95,6 @@ def main() -> None:
                 with torch.no_grad():
                     traj = ddim_invert(d, latents, cond, sched)
                     if store is not None:
-                        record_missing_steps(d, traj, cond, sched, store)
                         store.finish()
                 sync()
                 times[name].append(time.perf_counter() - t0)

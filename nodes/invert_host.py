@@ -12,8 +12,8 @@ disk cache.
 * Cache key: the MODEL's fingerprint (effective weights, temporal layers, T2S settings),
   the latents, both conditionings and the settings. A hit costs a file read and no UNet
   call; a damaged file is reported and recomputed (``vp2p.disk_cache``).
-* FateZero's attention store (``store_attention``) is recorded while the DDIM inversion runs
-  (plus one call at the first sigma, which inversion never evaluates) and cached apart from
+* FateZero's attention store (``store_attention``) is recorded by the DDIM inversion's own
+  UNet calls (one per step, at the step's sigma, as FateZero records) and cached apart from
   the inversion, in a folder named by the inversion's key and the store's settings: turning
   the store on later costs one UNet call per stored step on the cached trajectory, not a
   new inversion.
@@ -99,10 +99,8 @@ def invert(model: Any, positive: list, negative: list, samples: torch.Tensor, se
         schedule = Schedule.reference(steps, alphas_cumprod(model))  # built here: ordinary tensors under autograd
         den = denoiser(mp)
         den_inv = den if store is None else recording_denoiser(mp, store, schedule, frames)
-        with torch.no_grad():
+        with torch.no_grad():  # with a store, the inversion's own calls record every step
             trajectory = ddim_invert(den_inv, x0, cond, schedule, should_stop=stop, on_step=inverted)
-            if store is not None:
-                record_missing_steps(den_inv, trajectory, cond, schedule, store)
         result = optimise_null_text(den, trajectory, cond, null_init, schedule, settings, on_step=optimised, should_stop=stop)
     if result.iterations:
         log.info("%s: %s, inner iterations per step %s (mean %.1f), last loss %.3g", NODE, settings.mode.value,

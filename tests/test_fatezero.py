@@ -9,6 +9,7 @@ import torch
 
 from tests.test_edit import DIM, embed, make_edit
 from vp2p import COND, FrameMode, LayoutSpec, T2SSettings
+from vp2p.layout import TARGET
 from vp2p.attention_store import (
     DEFAULT_MAX_TOKENS,
     AttentionStore,
@@ -25,7 +26,7 @@ from vp2p.control import RunState
 from vp2p.edit import EditInputs, Guidance, fused_edit
 from vp2p.fatezero import FateZeroController, FateZeroEdit
 from vp2p.frame_attention import compact_keys, expand_keys, frame_attention_inputs, key_frames
-from vp2p.inversion import ddim_invert
+from vp2p.inversion import ddim_invert, inversion_input
 from vp2p.keys import LayerKey
 from vp2p.local_blend import LocalBlend, LocalBlendSpec
 from vp2p.schedule import Schedule, sd_alphas_cumprod
@@ -68,7 +69,6 @@ class Host:
         self.calls = 0
         with torch.no_grad():
             self.traj = ddim_invert(self.recording(), self.latents, self.cond, self.sched)
-            record_missing_steps(self.recording(), self.traj, self.cond, self.sched, self.store)
         self.store.finish()
         self.inputs = EditInputs(self.traj[0], self.sched, self.cond, None, self.empty, 7.5)
 
@@ -107,8 +107,9 @@ def fz_edit(prompt, cross=0.8, self_=0.8, words=(), threshold=0.3, src="a cat ru
 def test_store_holds_the_stored_steps_and_layers_in_half_precision(host):
     spec = host.store.spec
     assert spec.stored_steps == STEPS
-    # the inversion evaluates sigmas[S]…sigmas[1]; step 0 is one extra call: S+1 calls in all
-    assert host.calls == STEPS + 1
+    # the inversion's own calls (at sigmas[S−1]…sigmas[0], as FateZero's) record every step: no extra call
+    assert host.calls == STEPS
+    assert record_missing_steps(host.recording(), host.traj, host.cond, host.sched, host.store) == 0
     names = host.store.names(0)
     kinds = {parse_entry(n)[0] for n in names}
     assert kinds == {"attn1", "attn2"}  # temporal attention is never stored
@@ -192,15 +193,17 @@ def test_mask_threshold_extremes_are_full_and_no_replacement(host, prompt):
 
 
 def test_the_edit_reads_each_step_by_sigma_in_the_reverse_of_the_recording_order(host, prompt, unet):
-    # recorded while inverting (sigma rising: steps S−1 … 1), then step 0; read while denoising (0 … S−1)
+    # recorded while inverting (sigma rising: steps S−1 … 0); read while denoising (0 … S−1)
     assert host.store.record_order == list(range(STEPS - 1, -1, -1))
     store = AttentionStore.from_tensors(host.store.spec, host.store.tensors())
     host.edit(fz_edit(prompt, cross=1.0, self_=1.0), store=store)
     assert store.read_order == list(range(STEPS))
-    # entry i is the source's attention on the inverted latent at sigmas[i]: recompute step 2 alone
+    # entry i is the source's attention at sigmas[i] on the inverted latent one level lower, trajectory[i+1]
+    # (the inversion's step up to sigmas[i]): recompute step 2 alone, bit for bit
     alone = AttentionStore(StoreSpec.for_fraction(STEPS, 1.0, DEFAULT_MAX_TOKENS, FRAMES, FrameMode.MIDDLE_FRAME, "t"))
+    sig = host.sched.sigmas
     with torch.no_grad():
-        host.recording(alone)(host.traj[2], host.sched.sigmas[2].expand(FRAMES), host.cond.expand(FRAMES, -1, -1))
+        host.recording(alone)(inversion_input(host.traj[3], sig[3], sig[2]), sig[2].expand(FRAMES), host.cond.expand(FRAMES, -1, -1))
     assert alone.record_order == [2]
     for name, t in alone.step(2).items():
         torch.testing.assert_close(t, host.store.get(2, name), atol=0, rtol=0)
@@ -213,23 +216,23 @@ def test_the_edit_reads_each_step_by_sigma_in_the_reverse_of_the_recording_order
     assert not torch.allclose(a.edited, b.edited, atol=1e-4)
 
 
-def test_identity_fusion_with_the_source_prompt_matches_the_live_first_step(host, prompt):
-    """With target = source and everything replaced, step 0 runs on z_T, exactly where the store was
-    recorded: the stored attention is the live one up to fp16 rounding, so the first step agrees with
-    the unfused one, while a real edit moves it much further."""
-    first = {}
-
-    def after(name):
-        return lambda i, x: first.setdefault(name, x.clone()) if i == 0 else None
-
+def test_identity_fusion_reproduces_the_recorded_call(host, prompt):
+    """With target = source and everything replaced, a UNet call on exactly the latent and sigma where
+    step 0 was recorded (the inversion's last call: trajectory[1] at sigmas[0]) agrees with the unfused
+    call up to fp16 rounding, while a real edit moves it much further. (The edit's own step 0 runs on
+    z_T, one level above what the store saw — in FateZero too, which records at the inversion's calls.)"""
+    sig = host.sched.sigmas
+    x = inversion_input(host.traj[1], sig[1], sig[0])
+    out = {}
     for name, fz in (("fused", fz_edit(prompt, cross=1.0, self_=1.0, tgt="a cat running")),
                      ("plain", fz_edit(prompt, cross=0.0, self_=0.0, tgt="a cat running")),
                      ("edit", fz_edit(prompt, cross=0.0, self_=0.0, tgt="a tiger running"))):
         ctl = FateZeroController(fz, host.store, host.sched, (8, 8))
         with torch.no_grad():
-            fused_edit(host.den, host.inputs, host.traj, fz.edit.target_cond, 7.5, Guidance.DECOUPLED, ctl, on_step=after(name))
-    same = float((first["fused"] - first["plain"]).abs().max())
-    edited = float((first["edit"] - first["plain"]).abs().max())
+            out[name] = host.den(x, sig[0].expand(FRAMES), fz.edit.target_cond.expand(FRAMES, -1, -1), [COND],
+                                 RunState(ctl, LayoutSpec(FRAMES, 2, ((COND, TARGET),))))
+    same = float((out["fused"] - out["plain"]).abs().max())
+    edited = float((out["edit"] - out["plain"]).abs().max())
     assert same < 1e-2 * edited, (same, edited)
 
 

@@ -39,6 +39,7 @@ from .attention import attention_probabilities
 from .control import ATTN1, ATTN2, AttentionCall, AttentionController
 from .errors import VP2PError, parse_option
 from .frame_attention import FrameMode, compact_keys, key_frames
+from .inversion import inversion_input
 from .keys import LayerKey
 from .layout import COND, SOURCE
 from .safetensors_io import write_atomic
@@ -315,8 +316,10 @@ def store_nbytes(frames: int, layers: list[tuple[int, int, int]], frame_mode: Fr
 
 
 def record_missing_steps(denoise, trajectory: torch.Tensor, cond: torch.Tensor, schedule: Schedule, store: AttentionStore) -> int:
-    """Record every stored step the inversion did not (step 0 always: the inversion never
-    evaluates the first sigma; all of them for a store added to a cached inversion).
+    """Record every stored step the store lacks, with exactly the UNet call the inversion made for
+    it: step i is evaluated at ``sigmas[i]`` on the latent ``trajectory[i+1]`` (see
+    ``vp2p.inversion.inversion_step``). A store recorded during the inversion lacks none; a store
+    added to a cached inversion lacks all of them.
 
     ``denoise(x, σ, cond)`` must carry a ``StoreRecorder`` of ``store`` in its run state;
     trajectory [S+1, F, C, h, w] (σ-space), cond [1|F, T, D]. Steps are recorded from the
@@ -327,6 +330,6 @@ def record_missing_steps(denoise, trajectory: torch.Tensor, cond: torch.Tensor, 
     calls = 0
     for step in reversed(range(store.spec.stored_steps)):
         if step not in store.record_order:
-            denoise(trajectory[step].float(), sig[step].expand(frames), context)
+            denoise(inversion_input(trajectory[step + 1].float(), sig[step + 1], sig[step]), sig[step].expand(frames), context)
             calls += 1
     return calls

@@ -3,8 +3,9 @@
 Host-agnostic: the model is ``denoise(x_σ, σ, cond) -> x0`` in ComfyUI's σ-space
 (``x = x0 + σ·ε``), so eps- and v-models invert through the same code.
 
-* DDIM inversion runs the schedule's sigmas backwards (Euler in σ-space), conditional only,
-  from the clean latent at the final sigma up to σ₀, and keeps the whole trajectory.
+* DDIM inversion runs the schedule's sigmas backwards, conditional only, from the clean latent
+  at the final sigma up to σ₀, and keeps the whole trajectory. Each step evaluates the UNet on
+  the current latent at the *destination* timestep, as the references do (``inversion_step``).
 * Null-text optimisation walks the sampler forward from z_T: at step i it optimises the
   unconditional embedding so that the classifier-free-guided step lands on the inversion's
   latent of step i+1 (loss in the DDPM scale, as the reference's thresholds assume). A fresh
@@ -89,11 +90,37 @@ def to_sigma_space(x0: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tenso
     return x0 * math.sqrt(1.0 + float(sigma) ** 2)
 
 
+def inversion_input(x: torch.Tensor, s_cur: torch.Tensor, s_dst: torch.Tensor) -> torch.Tensor:
+    """The latent at level ``s_cur`` (σ-space) re-expressed at the σ-space scale of ``s_dst``.
+
+    The DDPM-scale latent is unchanged (x/√(1+s_cur²) = x'/√(1+s_dst²)); only ComfyUI's σ-space
+    scaling moves, so a denoiser called at σ = s_dst feeds the UNet exactly the current latent
+    with the destination's timestep, as the references' ``next_step`` does."""
+    return x * (torch.sqrt(1.0 + s_dst**2) / torch.sqrt(1.0 + s_cur**2))
+
+
+def inversion_step(denoise: Denoise, x: torch.Tensor, s_cur: torch.Tensor, s_dst: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """One DDIM inversion step from level ``s_cur`` up to ``s_dst`` (σ-space, x [F, C, h, w]).
+
+    As the references (Video-P2P's and FateZero's ``next_step``, null-text inversion before them):
+    ε is the UNet's on the *current* latent at the *destination* timestep, ε(x_{t−Δ}, t); then
+    x0 = x − s_cur·ε and the next latent is x0 + s_dst·ε. Evaluating at the current level instead
+    is a different and less accurate inversion (tests/test_inversion.py measures both)."""
+    x_in = inversion_input(x, s_cur, s_dst)
+    d = denoise(x_in, s_dst.expand(x.shape[0]), cond).float()
+    eps = (x_in - d) / s_dst
+    return x - s_cur * eps + s_dst * eps
+
+
 def ddim_invert(denoise: Denoise, latents: torch.Tensor, cond: torch.Tensor, schedule: Schedule,
                 should_stop: Optional[Callable[[], None]] = None,
                 on_step: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """Conditional-only DDIM inversion. latents [F, C, h, w] (DDPM scale, as encoded) ->
-    trajectory [S+1, F, C, h, w] in σ-space, index i at ``schedule.sigmas[i]`` (0 = z_T)."""
+    trajectory [S+1, F, C, h, w] in σ-space, index i at ``schedule.sigmas[i]`` (0 = z_T).
+
+    The step from ``sigmas[i+1]`` up to ``sigmas[i]`` evaluates the UNet at ``sigmas[i]`` (the
+    destination: timesteps 1, 21, …, 981 at 50 steps) on the latent ``trajectory[i+1]``, so the
+    UNet calls are exactly the schedule's steps S−1, …, 0 — the calls FateZero's store records."""
     sig = schedule.sigmas.to(latents.device)
     frames = latents.shape[0]
     cond = _per_frame(cond, frames)
@@ -102,9 +129,7 @@ def ddim_invert(denoise: Denoise, latents: torch.Tensor, cond: torch.Tensor, sch
     for i in range(schedule.steps, 0, -1):  # from the final sigma up to sigma 0
         if should_stop is not None:
             should_stop()
-        s_cur, s_next = sig[i], sig[i - 1]
-        d = denoise(x, s_cur.expand(frames), cond).float()
-        x = d + s_next * (x - d) / s_cur
+        x = inversion_step(denoise, x, sig[i], sig[i - 1], cond)
         traj.append(x)
         if on_step is not None:
             on_step(schedule.steps - i + 1)

@@ -22,7 +22,8 @@ from .inversion import InversionMode
 from .safetensors_io import read_checked, write_atomic
 from .schedule import Schedule
 
-FORMAT = "vp2p-inversion/1"
+# /2: the inversion evaluates the UNet at the destination timestep (as the references); /1 files differ.
+FORMAT = "vp2p-inversion/2"
 
 
 class InversionFileError(VP2PError):

@@ -38,6 +38,10 @@ def read_checked(path: Path, fmt: str, what: str, error: type[VP2PError]) -> tup
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise error(f"{path.name} is not a readable safetensors file ({e}); it may be truncated. Delete it and make it again.") from e
-    if meta.get("format") != fmt:
+    found = meta.get("format") or ""
+    if found != fmt and found.split("/")[0] == fmt.split("/")[0]:
+        raise error(f"{path.name} is a {what} file of another version of the pack (format {found!r}; this version reads {fmt!r}), "
+                    "whose results differ from this version's. Make it again with this version.")
+    if found != fmt:
         raise error(f"{path.name} is not a {what} file (format {meta.get('format')!r}, expected {fmt!r}).")
     return tensors, meta
