@@ -7,6 +7,9 @@
 * temporal layers: a ``PatcherInjection`` that adds forward hooks on the transformer
   blocks while the clone is patched and removes them when it is unpatched; the base
   model's modules never change;
+* video-level GroupNorm (``group_norm=video``, the references' 3-D UNet): a ``DIFFUSION_MODEL``
+  wrapper in the clone's model options tells a ``VideoNorm`` the options of the call in progress,
+  and a ``PatcherInjection`` shadows the ResNet GroupNorms' ``forward`` while the clone is patched;
 * state: a ``T2SState`` attachment (shared by reference between clones, never
   deep-copied).
 """
@@ -25,11 +28,14 @@ from ..vp2p import AttentionPatch, LayerKey, SettingsError, T2SSettings, Tempora
 from ..vp2p.attention import sdpa
 from ..vp2p.keys import comfy_transformer_keys
 from ..vp2p.temporal import BlockShape
+from ..vp2p.video_norm import NormScope, VideoNorm, video_norm_paths
 
 log = logging.getLogger("VideoP2P")
 
 STATE_KEY = "vp2p_t2s"
 TEMPORAL_INJECTION_KEY = "vp2p_temporal"
+NORM_INJECTION_KEY = "vp2p_video_norm"
+NORM_WRAPPER_KEY = "vp2p_video_norm"
 
 
 def comfy_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: Optional[dict] = None) -> torch.Tensor:
@@ -49,6 +55,7 @@ class T2SState:
     settings: T2SSettings
     patch: AttentionPatch
     blocks: dict[LayerKey, str]
+    video_norm: Optional[VideoNorm] = None
 
     @property
     def bank(self) -> Optional[TemporalBank]:
@@ -151,6 +158,32 @@ class _TemporalHooks:
         self.handles.clear()
 
 
+class _NormHooks:
+    """Video-level statistics on the UNet's ResNet GroupNorms while the patcher is injected."""
+
+    def __init__(self, video_norm: VideoNorm) -> None:
+        self.video_norm = video_norm
+
+    def inject(self, patcher: Any) -> None:
+        dm = patcher.model.diffusion_model
+        self.video_norm.remove()  # never twice on a module
+        self.video_norm.install(dm.get_submodule(p) for p in video_norm_paths(dm.named_modules()))
+
+    def eject(self, patcher: Any) -> None:
+        self.video_norm.remove()
+
+
+def _norm_wrapper(video_norm: VideoNorm) -> Callable:
+    """A ``DIFFUSION_MODEL`` wrapper: the UNet call's transformer options, for the GroupNorms."""
+
+    def wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        options = kwargs.get("transformer_options", args[5] if len(args) > 5 else None)
+        with video_norm.call(options or {}):
+            return executor(*args, **kwargs)
+
+    return wrapper
+
+
 def _fresh_clone(parent: Any, clone: Any) -> None:
     clone.is_injected = False
 
@@ -214,5 +247,17 @@ def install(clone: Any, settings: T2SSettings, bank: Optional[TemporalBank], blo
     if bank is not None:
         hooks = _TemporalHooks(patch, blocks)
         clone.set_injections(TEMPORAL_INJECTION_KEY, [comfy.patcher_extension.PatcherInjection(hooks.inject, hooks.eject)])
-    clone.set_attachments(STATE_KEY, T2SState(settings, patch, blocks))
+    clone.remove_injections(NORM_INJECTION_KEY)
+    wrappers = clone.model_options.get("transformer_options", {}).get("wrappers", {})
+    wrappers.get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {}).pop(NORM_WRAPPER_KEY, None)
+    video_norm = None
+    if settings.group_norm is NormScope.VIDEO:
+        video_norm = VideoNorm()
+        norms = _NormHooks(video_norm)
+        clone.set_injections(NORM_INJECTION_KEY, [comfy.patcher_extension.PatcherInjection(norms.inject, norms.eject)])
+        # In the model options (not the patcher's wrappers, which only samplers merge in): every UNet
+        # call made with this MODEL's transformer options carries it, the pack's own loops included.
+        comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, NORM_WRAPPER_KEY,
+                                                     _norm_wrapper(video_norm), clone.model_options, is_model_options=True)
+    clone.set_attachments(STATE_KEY, T2SState(settings, patch, blocks, video_norm))
     return clone

@@ -24,6 +24,7 @@ from ..vp2p import RUN_STATE_KEY, LayoutSpec, RunState, SettingsError, T2SSettin
 from ..vp2p.frame_attention import FrameMode
 from ..vp2p.guidance import WordMapRecorder, default_guided_steps, guided_update
 from ..vp2p.schedule import sigma_index
+from ..vp2p.video_norm import NormScope
 from .autograd_host import make_autograd_clone
 from .comfy_host import get_state, install, transformer_blocks
 
@@ -38,7 +39,7 @@ def guided_model(model: Any) -> Any:
     not inflated: plain per-frame attention, nothing else changes)."""
     clone = model.clone()
     if get_state(clone) is None:
-        install(clone, T2SSettings(FrameMode.NONE, False), None, transformer_blocks(model))
+        install(clone, T2SSettings(FrameMode.NONE, False, NormScope.FRAME), None, transformer_blocks(model))
     return make_autograd_clone(model, clone)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..vp2p import FrameMode, T2SSettings
+from ..vp2p.video_norm import NormScope
 from .comfy_host import inflate
 
 FRAME_MODE_HELP = (
@@ -36,11 +37,15 @@ class InflateT2S(io.ComfyNode):
                 io.Boolean.Input("temporal_attention", default=True,
                                  tooltip="Add temporal attention layers (attention over frames at every position), as in "
                                          "Tune-A-Video/Video-P2P. They start as an exact identity and only act after Tune on Video."),
+                io.Combo.Input("group_norm", options=[m.value for m in NormScope], default=NormScope.VIDEO.value, optional=True,
+                               tooltip="video: the ResNet blocks' GroupNorms take their statistics over all frames of the video "
+                                       "together, as the 3-D UNet of Tune-A-Video, Video-P2P and FateZero does (what their "
+                                       "results were made with). frame: each frame on its own, as the image model."),
             ],
             outputs=[io.Model.Output(tooltip="The inflated MODEL: a latent batch of F frames is sampled as one video.")],
         )
 
     @classmethod
-    def execute(cls, model, frame_attention: str, temporal_attention: bool) -> io.NodeOutput:
-        settings = T2SSettings(FrameMode.parse(frame_attention), bool(temporal_attention))
+    def execute(cls, model, frame_attention: str, temporal_attention: bool, group_norm: str = NormScope.VIDEO.value) -> io.NodeOutput:
+        settings = T2SSettings(FrameMode.parse(frame_attention), bool(temporal_attention), NormScope.parse(group_norm))
         return io.NodeOutput(inflate(model, settings))

@@ -1,8 +1,9 @@
 """The diffusers host: the same patch on a diffusers ``UNet2DConditionModel``.
 
 ``DiffusersT2S`` registers one attention processor per ``attn1``/``attn2`` module
-(each bound to its ``LayerKey``) and a forward hook per transformer block for the
-temporal layers. All behaviour is in ``AttentionPatch``; this module only translates
+(each bound to its ``LayerKey``), a forward hook per transformer block for the
+temporal layers, and (``group_norm=video``) video-level statistics on the ResNet
+GroupNorms (``vp2p.video_norm``). All behaviour is in ``AttentionPatch``; this module only translates
 diffusers calls into the patch's ``(q, k, v, extra_options)`` convention, with the
 same ``extra_options`` keys ComfyUI provides (``block``, ``block_index``,
 ``n_heads``, ``cond_or_uncond``, ``sigmas``, ``original_shape``).
@@ -14,6 +15,7 @@ UNet's processors and removes the hooks.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
@@ -25,6 +27,7 @@ from .errors import RegistrationError, UnsupportedModelError
 from .keys import LayerKey, diffusers_transformer_keys
 from .patch import AttentionPatch, T2SSettings
 from .temporal import BlockShape, TemporalBank
+from .video_norm import NormScope, VideoNorm, video_norm_paths
 
 if TYPE_CHECKING:
     from .tuning import TuneSettings
@@ -106,6 +109,7 @@ class DiffusersT2S:
         self.bank = bank if settings.temporal_attention else None
         self.patch = patch or AttentionPatch(settings, temporal=self.bank)
         self.deltas: dict[tuple[str, LayerKey], torch.Tensor] = {}  # tuned to_q = base + delta
+        self.video_norm = VideoNorm() if settings.group_norm is NormScope.VIDEO else None
         self._options: dict[str, Any] = {}
         self._saved: Optional[dict[str, Any]] = None
         self._hooks: list[Any] = []
@@ -125,7 +129,8 @@ class DiffusersT2S:
         self._options = {"cond_or_uncond": list(cond_or_uncond) if cond_or_uncond is not None else [0],
                          "sigmas": sigmas, "original_shape": list(sample.shape), RUN_STATE_KEY: run or RunState()}
         try:
-            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+            with self.video_norm.call(self._options) if self.video_norm is not None else nullcontext():
+                return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
         finally:
             self._options = {}
 
@@ -165,6 +170,8 @@ class DiffusersT2S:
                 processors[f"{path}.{kind}.processor"] = _Processor(self, key, kind)
             if self.bank is not None:
                 self._hooks.append(block.register_forward_hook(self._temporal_hook(key)))
+        if self.video_norm is not None:
+            self.video_norm.install(self.unet.get_submodule(p) for p in video_norm_paths(self.unet.named_modules()))
         self._saved = dict(self.unet.attn_processors)
         full = dict(self._saved)
         full.update(processors)
@@ -181,6 +188,8 @@ class DiffusersT2S:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self.video_norm is not None:
+            self.video_norm.remove()
         if self._saved is not None:
             self.unet.set_attn_processor(self._saved)
             self._saved = None

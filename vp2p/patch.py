@@ -27,6 +27,7 @@ from .frame_attention import FrameAttentionInputs, FrameMode, frame_attention_in
 from .keys import LayerKey
 from .layout import BatchLayout
 from .temporal import TemporalBank
+from .video_norm import NormScope
 
 log = logging.getLogger("VideoP2P")
 
@@ -36,13 +37,18 @@ ReplaceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Ten
 
 @dataclass(frozen=True)
 class T2SSettings:
-    """How the image model is inflated to a text-to-set model."""
+    """How the image model is inflated to a text-to-set model.
+
+    ``group_norm``: ``video`` pools the ResNet GroupNorms' statistics over each video's frames, as
+    the references' 3-D UNet does (``vp2p.video_norm``); ``frame`` keeps the image model's."""
 
     frame_attention: FrameMode = FrameMode.FIRST_FRAME
     temporal_attention: bool = True
+    group_norm: NormScope = NormScope.VIDEO
 
     def describe(self) -> str:
-        return f"frame_attention={self.frame_attention.value}, temporal_attention={self.temporal_attention}"
+        return (f"frame_attention={self.frame_attention.value}, temporal_attention={self.temporal_attention}, "
+                f"group_norm={self.group_norm.value}")
 
 
 class AttentionPatch:

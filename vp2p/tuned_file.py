@@ -20,6 +20,7 @@ from .frame_attention import FrameMode
 from .keys import LayerKey
 from .patch import T2SSettings
 from .safetensors_io import read_checked, write_atomic
+from .video_norm import NormScope
 
 FORMAT = "vp2p-tuned/1"
 
@@ -47,14 +48,16 @@ def save_tuned(path: Path, weights: TunedWeights) -> Path:
     """Write ``weights`` atomically to ``path`` (a .safetensors file)."""
     meta = dict(weights.metadata)
     meta.update(format=FORMAT, frame_attention=weights.settings.frame_attention.value,
-                temporal_attention=json.dumps(weights.settings.temporal_attention))
+                temporal_attention=json.dumps(weights.settings.temporal_attention), group_norm=weights.settings.group_norm.value)
     return write_atomic(path, weights.tensors(), meta)
 
 
 def load_tuned(path: Path) -> TunedWeights:
     """Read a tuned-weights file; raises ``TunedFileError`` with what is wrong."""
     tensors, meta = read_checked(path, FORMAT, "Tune on Video", TunedFileError)
-    settings = T2SSettings(FrameMode.parse(meta["frame_attention"]), bool(json.loads(meta["temporal_attention"])))
+    # Files written before group_norm existed were tuned with per-frame GroupNorm statistics.
+    settings = T2SSettings(FrameMode.parse(meta["frame_attention"]), bool(json.loads(meta["temporal_attention"])),
+                           NormScope.parse(meta.get("group_norm", NormScope.FRAME.value)))
     deltas: dict[tuple[str, LayerKey], torch.Tensor] = {}
     temporal: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():

@@ -22,9 +22,10 @@ def node(pack, name):
     return nodes.NODE_CLASS_MAPPINGS[name]
 
 
-def inflate(pack, model, frame_attention="first_frame", temporal=True):
+def inflate(pack, model, frame_attention="first_frame", temporal=True, **optional):
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
-        return node(pack, "VP2P_InflateT2S").execute(model=model, frame_attention=frame_attention, temporal_attention=temporal).result[0]
+        return node(pack, "VP2P_InflateT2S").execute(model=model, frame_attention=frame_attention, temporal_attention=temporal,
+                                                     **optional).result[0]
 
 
 def test_pack_loads_through_comfy_loader_with_tooltips(pack):
@@ -34,7 +35,7 @@ def test_pack_loads_through_comfy_loader_with_tooltips(pack):
     schema = nodes.NODE_CLASS_MAPPINGS["VP2P_InflateT2S"].GET_SCHEMA()
     assert schema.category.startswith("video_p2p")
     names = [i.id for i in schema.inputs]
-    assert names == ["model", "frame_attention", "temporal_attention"]
+    assert names[:3] == ["model", "frame_attention", "temporal_attention"] and "group_norm" in names
     for i in schema.inputs:
         assert i.tooltip, f"input {i.id} has no tooltip"
     info = nodes.NODE_CLASS_MAPPINGS["VP2P_InflateT2S"].INPUT_TYPES()
@@ -89,8 +90,8 @@ def test_first_frame_output_of_frame0_ignores_other_frames(pack, small_models):
     x2 = x.clone()
     x2[1:] = torch.randn_like(x2[1:])
     b = comfy_eps(inflated, x2, 500, ctx)
-    # temporal attention mixes frames, so compare without it for the frame-attention property
-    plain = inflate(pack, model, "first_frame", False)
+    # temporal attention and video-level GroupNorm mix frames, so compare without them for the frame-attention property
+    plain = inflate(pack, model, "first_frame", False, group_norm="frame")
     c, d = comfy_eps(plain, x, 500, ctx), comfy_eps(plain, x2, 500, ctx)
     assert (c[0] - d[0]).abs().max() <= 1e-5
     assert (c[1:] - d[1:]).abs().max() > 1e-3
@@ -119,6 +120,35 @@ def test_cross_host_parity(pack, small_models):
                 d_out = host(x, 500, ctx, cond_or_uncond=[1, 0])
         assert (d_out - c_out).abs().max() <= 1e-4, mode
         assert (d_out - d_plain).abs().max() > 1e-3
+
+
+def test_video_level_group_norm_in_comfyui(pack, small_models, full_sd15):
+    """The ResNet GroupNorms pool each video's frames (the references' 3-D UNet), per video of the call's
+    layout; one frame is the image model; frame scope is the old per-frame behaviour."""
+    from vp2p.video_norm import video_norm_paths
+
+    dm = full_sd15.get_model_object("diffusion_model")
+    paths = video_norm_paths(dm.named_modules())
+    assert len(paths) == 45 and "out.0" in paths and "input_blocks.1.0.in_layers.0" in paths  # SD1.5: 22 ResBlocks × 2 + out
+
+    _, model = small_models
+    x, ctx = batch(chunks=2)
+    video = inflate(pack, model, "none", False)  # the default: group_norm=video
+    frame = inflate(pack, model, "none", False, group_norm="frame")
+    plain = comfy_eps(model, x, 500, ctx, [1, 0])
+    torch.testing.assert_close(comfy_eps(frame, x, 500, ctx, [1, 0]), plain, atol=1e-6, rtol=0)
+    pooled = comfy_eps(video, x, 500, ctx, [1, 0])
+    assert (pooled - plain).abs().max() > 1e-3
+    # the two chunks (uncond, cond) are two videos: each alone gives the same rows
+    for n, kind in enumerate((1, 0)):
+        rows = slice(n * FRAMES, (n + 1) * FRAMES)
+        torch.testing.assert_close(comfy_eps(video, x[rows], 500, ctx[rows], [kind]), pooled[rows], atol=1e-4, rtol=1e-4)
+    # one frame per video: exactly the image model
+    one = slice(0, 2)
+    torch.testing.assert_close(comfy_eps(video, x[one], 500, ctx[one], [1, 0]), comfy_eps(model, x[one], 500, ctx[one], [1, 0]),
+                               atol=1e-6, rtol=0)
+    # the norms are back to per frame once the inflated model is unloaded: the input MODEL is untouched
+    assert torch.equal(comfy_eps(model, x, 500, ctx, [1, 0]), plain)
 
 
 def test_stock_ksampler_samples_the_batch_as_one_video(pack, small_models):
@@ -157,6 +187,8 @@ def test_reinflation_replaces_instead_of_stacking(pack, small_models):
     state = twice.get_attachment("vp2p_t2s")
     assert state.settings.frame_attention.value == "middle_frame" and not state.patch.previous
     assert "vp2p_temporal" not in twice.injections
+    wrappers = twice.model_options["transformer_options"]["wrappers"]["diffusion_model"]
+    assert len(wrappers["vp2p_video_norm"]) == 1 and len(twice.injections["vp2p_video_norm"]) == 1
 
 
 def test_foreign_replace_is_chained(pack, small_models):
@@ -174,7 +206,7 @@ def test_foreign_replace_is_chained(pack, small_models):
     x, ctx = batch()
     ref = comfy_eps(patched, x, 500, ctx)
     calls.clear()
-    inflated = inflate(pack, patched, "none", False)
+    inflated = inflate(pack, patched, "none", False, group_norm="frame")  # nothing else changes: the image model
     out = comfy_eps(inflated, x, 500, ctx)
     assert calls == [("input", 1)]
     assert (out - ref).abs().max() <= 1e-5
