@@ -252,6 +252,51 @@ def test_local_blend_keeps_the_source_outside_the_mask_end_to_end(edit_setup, pr
     assert again.rows == [3 * frames] * STEPS  # blending reads the source maps at every step
 
 
+class RecordingBlend(LocalBlend):
+    """A LocalBlend that keeps what the controller hands it."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seen = []
+
+    def record(self, key, p_source, p_target):
+        self.seen.append((p_source.clone(), p_target.clone()))
+        super().record(key, p_source, p_target)
+
+
+def test_local_blend_reads_the_targets_maps_after_the_edit(edit_setup, prompt):
+    """As the reference (whose store holds the maps it then edits in place): inside the cross-replace
+    window the target's blend maps are the replaced ones (source maps @ mapper), outside its own."""
+    den, inputs, latents = edit_setup
+    frames = latents.shape[0]
+    for cross in (1.0, 0.0):
+        edit = make_edit(prompt, cross_replace=cross, self_replace=0.0)
+        spec = LocalBlendSpec(tuple(edit.source.positions("cat")), tuple(edit.target.positions("tiger")), start=1.0)
+        blend = RecordingBlend(spec, frames, (8, 8), STEPS)
+        edit.blend = spec
+        run_edit(den, inputs, edit, reuse=False, blend=blend)
+        assert blend.seen
+        for p_src, p_tgt in blend.seen:
+            replaced = p_src @ edit.mapper
+            if cross == 1.0:
+                torch.testing.assert_close(p_tgt, replaced, atol=1e-6, rtol=0)
+            else:
+                assert (p_tgt - replaced).abs().max() > 1e-3  # the target's own maps
+
+
+@pytest.mark.parametrize("steps", [10, 20, 25, 30, 50])
+def test_cross_replace_window_rounds_as_the_reference(prompt, steps):
+    """The reference's per-step table has S+1 rows: a window of f covers int(f·(S+1)) steps (the self
+    window int(f·S)), e.g. 0.75 of 50 steps is 38 cross steps and 37 self steps."""
+    for f in [i / 100 for i in range(0, 101)]:
+        edit = make_edit(prompt, cross_replace=f, self_replace=f, cross_words={2: f})
+        alpha = edit.cross_alpha(steps)
+        want = min(steps, int(f * (steps + 1)))
+        assert int(alpha[:, 1].sum()) == want and int(alpha[:, 2].sum()) == want, (f, steps)
+        assert edit.self_steps(steps) == int(f * steps)
+    assert make_edit(prompt, cross_replace=0.75).cross_alpha(50)[:, 1].sum() == 38
+
+
 def test_non_square_odd_frame_video_edits_end_to_end(unet, prompt):
     from vp2p.diffusers_host import DiffusersT2S
 

@@ -1,7 +1,8 @@
 """LocalBlend (prompt-to-prompt / Video-P2P): keep the target latent equal to the source
 latent outside the region the blend words attend to.
 
-Masks are per frame, from cross-attention maps of the conditional rows (before any edit):
+Masks are per frame, from cross-attention maps of the conditional rows (the source's, and the
+target's after the controller's edit, as the reference):
 for each prompt, the blend words' maps are summed over their tokens, averaged over heads
 and layers (the layers of one resolution: the 16×16-token maps of a 512² SD1.5 video,
 i.e. latent/4; on a model without that resolution, the coarsest non-middle one), by
@@ -86,7 +87,8 @@ class LocalBlend:
         return g is not None and (self.factor is None or g[0] == self.factor)
 
     def record(self, key: LayerKey, p_source: torch.Tensor, p_target: torch.Tensor) -> None:
-        """p_*: [F, H, N, T] fp32 probabilities of the conditional rows of each prompt."""
+        """p_*: [F, H, N, T] fp32 probabilities of the conditional rows of each prompt (the target's
+        as the controller edited them)."""
         g = grid_of(p_source.shape[2], self.latent_hw)
         if g is None:
             return

@@ -14,7 +14,8 @@ are edited (uncond rows always run the fast path).
   self-attention: ``temporal`` (the reference's behaviour: temporal-attention maps only),
   ``frame`` (frame attention, on layers of ≤16² tokens per frame as prompt-to-prompt does),
   or ``both``.
-* LocalBlend maps are recorded from the conditional rows' cross-attention before any edit.
+* LocalBlend maps are recorded from the conditional rows' cross-attention: the source's own and
+  the target's *after* the edit (replaced/refined/re-weighted), as the reference's.
 """
 
 from __future__ import annotations
@@ -92,16 +93,21 @@ class P2PEdit:
                 and self.reweight is None and self.blend is None)
 
     def cross_alpha(self, steps: int) -> torch.Tensor:
-        """[S, T]: 1 where a target token's cross-attention is taken from the source at a step."""
+        """[S, T]: 1 where a target token's cross-attention is taken from the source at a step.
+
+        A window of fraction f covers the steps below ``cross_steps(f, S)`` = int(f·(S+1)): the
+        reference's per-step table has S+1 rows (prompt-to-prompt's), so e.g. 0.75 of 50 steps is 38
+        steps, not 37; the self-attention window is int(f·S) (``self_steps``)."""
         t = self.source.context
         alpha = torch.zeros(steps, t)
-        alpha[: int(self.cross_replace * steps)] = 1.0
+        alpha[: cross_steps(self.cross_replace, steps)] = 1.0
         for pos, frac in self.cross_words.items():
             alpha[:, pos] = 0.0
-            alpha[: int(frac * steps), pos] = 1.0
+            alpha[: cross_steps(frac, steps), pos] = 1.0
         return alpha
 
     def self_steps(self, steps: int) -> int:
+        """The self-attention window: steps below int(f·S), as the reference."""
         return int(self.self_replace * steps)
 
     def edit_cross(self, p_source: torch.Tensor, p_target: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -115,6 +121,12 @@ class P2PEdit:
             replaced = replaced * self.reweight.to(p_source)
         alpha = alpha.to(p_source)
         return replaced * alpha + p_target * (1 - alpha)
+
+
+def cross_steps(fraction: float, steps: int) -> int:
+    """How many of ``steps`` a cross-replace fraction covers: int(f·(S+1)), the reference's rounding
+    (its per-step table has S+1 rows), capped at S."""
+    return min(steps, int(fraction * (steps + 1)))
 
 
 class P2PController(AttentionController):
@@ -152,9 +164,11 @@ class P2PController(AttentionController):
                 return None
             p_src = attention_probabilities(q[rows[src]], k[rows[src]], call.heads)
             p_tgt = attention_probabilities(q[rows[tgt]], k[rows[tgt]], call.heads)
-            if record:
-                self.blend.record(call.key, p_src, p_tgt)
             edited = self.edit.edit_cross(p_src, p_tgt, self.alpha[step]) if cross else p_tgt
+            if record:
+                # The target's maps *after* the edit, as the reference's LocalBlend reads them (it stores
+                # the maps it then edits in place).
+                self.blend.record(call.key, p_src, edited)
             out = self._rest(call, q, k, v, (src, tgt), per)
             out[rows[src]] = apply_probabilities(p_src, v[rows[src]], call.heads)
             out[rows[tgt]] = apply_probabilities(edited, v[rows[tgt]], call.heads)
