@@ -29,6 +29,7 @@ from vp2p.diffusers_pipeline import EditOptions, decode_video, edit_video, encod
 from vp2p.inversion import InversionMode, InversionSettings  # noqa: E402
 from vp2p.prompt_align import split_words  # noqa: E402
 from vp2p.tuning import TuneSettings  # noqa: E402
+from vp2p.video_norm import NormScope  # noqa: E402
 
 log = logging.getLogger("VideoP2P")
 
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cfg", type=float, default=7.5)
     ap.add_argument("--frame-attention", default="first_frame", choices=[m.value for m in FrameMode])
     ap.add_argument("--no-temporal", action="store_true")
+    ap.add_argument("--group-norm", default="video", choices=["video", "frame"],
+                    help="GroupNorm statistics over the whole video (the references' 3-D UNet) or per frame")
     ap.add_argument("--tune-steps", type=int, default=None, help="Tune on Video steps (default: 300 with --model, 4 without)")
     ap.add_argument("--tune-lr", type=float, default=3e-5)
     ap.add_argument("--seed", type=int, default=0)
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     latents = encode_video(comps, clip)
-    settings = T2SSettings(FrameMode(args.frame_attention), not args.no_temporal)
+    settings = T2SSettings(FrameMode(args.frame_attention), not args.no_temporal, NormScope(args.group_norm))
     tune_steps = args.tune_steps if args.tune_steps is not None else (300 if args.model else 4)
     steps = args.steps if args.steps is not None else (50 if args.model else 8)
     inner = args.inner_steps if args.inner_steps is not None else (10 if args.model else 2)
@@ -126,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             shown[stage] = i
             log.info("%s %d/%d%s", stage, i, n, "" if loss != loss else f", loss {loss:.4g}")
 
-    edited, source = edit_video(comps, settings, latents.float(), options, inversion,
-                                TuneSettings(steps=tune_steps, learning_rate=args.tune_lr, seed=args.seed), progress)
+    run = edit_video(comps, settings, latents.float(), options, inversion,
+                     TuneSettings(steps=tune_steps, learning_rate=args.tune_lr, seed=args.seed), progress)
     from PIL import Image
 
-    for name, lat in (("edited", edited), ("source", source)):
+    for name, lat in (("edited", run.edited), ("source", run.source)):
         video = decode_video(comps, lat)
         save_gif(video, args.out / f"{name}.gif")
         for i, f in enumerate(video):

@@ -43,8 +43,9 @@ class Components:
     random_weights: bool = False
 
 
-def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Components:
-    """Load a diffusers-format SD1.x/SD2.x folder from disk (never from a hub)."""
+def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, vae: bool = True) -> Components:
+    """Load a diffusers-format SD1.x/SD2.x folder from disk (never from a hub). ``vae=False`` for
+    runs that start from latents (e.g. the parity fixture, which has no VAE)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -55,7 +56,7 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype) -
         )
     kw = dict(local_files_only=True)
     unet = UNet2DConditionModel.from_pretrained(str(model_dir), subfolder="unet", **kw).to(device, dtype).eval()
-    vae = AutoencoderKL.from_pretrained(str(model_dir), subfolder="vae", **kw).to(device, dtype).eval()
+    ae = AutoencoderKL.from_pretrained(str(model_dir), subfolder="vae", **kw).to(device, dtype).eval() if vae else None
     text = CLIPTextModel.from_pretrained(str(model_dir), subfolder="text_encoder", **kw).to(device, dtype).eval()
     tok = CLIPTokenizer.from_pretrained(str(model_dir), subfolder="tokenizer", **kw)
     sched_file = model_dir / "scheduler" / "scheduler_config.json"
@@ -63,7 +64,8 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype) -
     from .schedule import sd_alphas_cumprod
 
     ac = sd_alphas_cumprod(sched.get("num_train_timesteps", 1000), sched.get("beta_start", 0.00085), sched.get("beta_end", 0.012))
-    return Components(unet, vae, text, tok, ac, sched.get("prediction_type", "epsilon"), float(vae.config.scaling_factor))
+    scale = float(ae.config.scaling_factor) if ae is not None else 0.18215
+    return Components(unet, ae, text, tok, ac, sched.get("prediction_type", "epsilon"), scale)
 
 
 def random_components(device: torch.device, dtype: torch.dtype, seed: int = 0) -> Components:
@@ -180,11 +182,29 @@ class EditOptions:
     cfg: float = 7.5
 
 
+@dataclass
+class EditRun:
+    """What ``edit_video`` computed: ``edited``/``source`` [F, 4, h, w] (data scale, at the final
+    sigma: the latents the VAE decodes); ``trajectory`` [S+1, F, 4, h, w] the inversion (σ-space,
+    index 0 = z_T); ``null_embeddings`` [S, 1|F, T, D] or None; ``schedule``."""
+
+    edited: torch.Tensor
+    source: torch.Tensor
+    trajectory: torch.Tensor
+    null_embeddings: Optional[torch.Tensor]
+    schedule: Schedule
+
+    @property
+    def z_t(self) -> torch.Tensor:
+        """The inverted noise in the DDPM scale (√ᾱ_T·x0 + √(1−ᾱ_T)·ε form): [F, 4, h, w]."""
+        return self.trajectory[0] / torch.sqrt(1 + self.schedule.sigmas[0] ** 2)
+
+
 def edit_video(c: Components, settings: T2SSettings, latents: torch.Tensor, options: EditOptions,
                inversion: "InversionSettings", tune: Optional[TuneSettings] = None,
-               progress: Optional[Callable[[str, int, int, float], None]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               progress: Optional[Callable[[str, int, int, float], None]] = None) -> EditRun:
     """Video-P2P end to end on diffusers components: (tune) → invert → control → decoupled sampling.
-    latents [F, 4, h, w] (VAE-scaled) -> (edited, source reconstruction), both [F, 4, h, w]."""
+    latents [F, 4, h, w] (VAE-scaled) -> the edit, the source reconstruction and the inversion."""
     from .edit import EditInputs, Guidance, decoupled_edit
     from .inversion import ddim_invert, optimise_null_text
     from .local_blend import LocalBlend, LocalBlendSpec
@@ -224,4 +244,4 @@ def edit_video(c: Components, settings: T2SSettings, latents: torch.Tensor, opti
             out = decoupled_edit(den, inputs, target, options.cfg, Guidance.parse(options.guidance),
                                  P2PController(edit, schedule, blend), blend,
                                  on_step=lambda i, x: report("edit", i + 1, schedule.steps, float("nan")))
-    return out.edited, out.source
+    return EditRun(out.edited, out.source, trajectory, result.null_embeddings, schedule)
