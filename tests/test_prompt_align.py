@@ -60,6 +60,25 @@ def test_replace_one_to_one_and_one_to_many(tok):
     assert resolve_kind(EditKind.AUTO, src, tgt) is EditKind.REPLACE
 
 
+def test_replace_keeps_later_words_aligned_when_a_swap_changes_token_count(tok):
+    """The official man-motor config: "man" (1 token) → "Spider-Man" (spider, -, man). Every
+    later word must still read its own source word, two positions earlier (a deliberate
+    deviation: the official mapper reads the source two positions later from "is" on)."""
+    prompt, _ = tok
+    src = prompt("a man is driving a motorbike in the forest")
+    tgt = prompt("a Spider-Man is driving a motorbike in the forest")
+    assert src.spans[1] == (2, 3) and tgt.spans[1] == (2, 5) and tgt.end == src.end + 2
+    m = replace_mapper(src, tgt)
+    want = torch.zeros(77, 77)
+    want[0, 0] = want[1, 1] = 1  # start, "a"
+    want[2, 2:5] = 1 / 3  # man -> spider, -, man
+    for s_pos in range(3, 77 - 2):  # is … forest, the end token and the padding: shifted by two
+        want[s_pos, s_pos + 2] = 1
+    assert torch.equal(m, want)
+    for (sa, sb), (ta, tb), w in zip(src.spans[2:], tgt.spans[2:], src.words[2:]):
+        assert m[sa:sb, ta:tb].diagonal().eq(1).all() and m[:, ta:tb].sum(0).eq(1).all(), w
+
+
 def test_refine_aligns_and_marks_new_tokens(tok):
     prompt, _ = tok
     src, tgt = prompt("a cat running"), prompt("a big cat running on snow")
