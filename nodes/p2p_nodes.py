@@ -46,12 +46,14 @@ class P2PController(io.ComfyNode):
                 io.String.Input("target_prompt", default="a tiger is running on the grass",
                                 tooltip="The edited description: swap, add or re-weight words."),
                 io.Combo.Input("edit", options=[k.value for k in EditKind], default=EditKind.AUTO.value, tooltip=EDIT_HELP),
-                io.Float.Input("cross_replace", default=0.4, min=0.0, max=1.0, step=0.05,
+                io.Float.Input("cross_replace", default=0.2, min=0.0, max=1.0, step=0.05,
                                tooltip="Fraction of the steps during which the target's cross-attention is taken from the "
-                                       "source (layout kept). More keeps more of the source's structure (paper: 0.4)."),
-                io.Float.Input("self_replace", default=0.4, min=0.0, max=1.0, step=0.05,
+                                       "source (layout kept). More keeps more of the source's structure. Default 0.2 as the "
+                                       "official Video-P2P code (the paper quotes 0.4; its stylisation config uses 0.8)."),
+                io.Float.Input("self_replace", default=0.5, min=0.0, max=1.0, step=0.05,
                                tooltip="Fraction of the steps during which the target's self-attention maps are the "
-                                       "source's (motion and shape kept); see self_replace_attention."),
+                                       "source's (motion and shape kept); see self_replace_attention. Default 0.5 as the "
+                                       "official Video-P2P code."),
                 io.String.Input("blend_source_words", default="",
                                 tooltip="Local blend: words of the source prompt whose region may change (e.g. 'cat'). "
                                         "Empty (with empty target words): no local blend, the whole frame may change."),

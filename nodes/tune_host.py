@@ -11,7 +11,8 @@
 * Gradient checkpointing per spatial transformer, as a ``PatcherInjection`` on the training
   clone (instance ``forward`` set on inject, removed on eject).
 * The result is a fresh clone of the input: ``add_patches`` diffs for ``to_q`` and a tuned
-  copy of the temporal bank. An interrupted or failed run leaves nothing behind.
+  copy of the temporal bank (projections trained, LayerNorms as they were). An interrupted
+  or failed run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from ..vp2p import LayerKey, VP2PError
 from ..vp2p.tuned_file import TunedWeights
-from ..vp2p.tuning import TuneSettings, tune
+from ..vp2p.tuning import TuneSettings, trainable_temporal_parameters, tune
 from .autograd_host import AddDelta, autograd, denoiser, make_autograd_clone
 from .comfy_host import T2SState, get_state, install
 from .model_facts import alphas_cumprod, conditioning_tensor, prediction_kind
@@ -61,7 +62,8 @@ def tune_weights(model: Any, positive: list, latents: torch.Tensor, settings: Tu
     mp = make_autograd_clone(model, install(model.clone(), state.settings, bank, state.blocks), wrappers)
 
     losses: list[float] = []
-    params = list(deltas.values()) + (list(bank.requires_grad_(True).parameters()) if bank is not None else [])
+    # the temporal layers' projections train, their LayerNorms stay frozen (the reference's set)
+    params = list(deltas.values()) + (trainable_temporal_parameters(bank) if bank is not None else [])
     try:
         with autograd(mp):
             x0 = latents.detach().clone().to(device, torch.float32)

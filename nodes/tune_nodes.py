@@ -24,8 +24,9 @@ class TuneOnVideo(io.ComfyNode):
             category="video_p2p/model",
             description=(
                 "Fine-tunes a T2S model on one video so it can reconstruct it: to_q of frame and cross attention in "
-                "every transformer block and all temporal-attention layers (Video-P2P/Tune-A-Video). The input MODEL "
-                "is not changed; the output carries the tuned weights as patches and works with stock samplers."
+                "every transformer block and the temporal attention's q/k/v/out projections (its LayerNorm stays "
+                "frozen, as in Video-P2P/Tune-A-Video). The input MODEL is not changed; the output carries the tuned "
+                "weights as patches and works with stock samplers."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="A MODEL from 'Inflate to T2S' (optionally already tuned)."),
@@ -78,6 +79,7 @@ def tune_cached(model, positive, samples, settings: TuneSettings, progress, save
     from ..vp2p.disk_cache import load_or_compute
     from ..vp2p.fingerprint import fingerprint
     from ..vp2p.tuned_file import load_tuned, save_tuned
+    from ..vp2p.tuning import TRAINABLE_SET
     from .model_facts import conditioning_tensor, model_fingerprint
     from .storage import cache_dir, named_path
     from .tune_host import apply_tuned, require_state
@@ -89,7 +91,8 @@ def tune_cached(model, positive, samples, settings: TuneSettings, progress, save
     cond = conditioning_tensor(positive, samples.shape[0])
     base = model_fingerprint(model)
     key = fingerprint([("latents", samples), ("cond", cond)],
-                      {"base": base, "t2s": state.settings.describe(), "tune": repr(settings), "format": "vp2p-tuned/1"})
+                      {"base": base, "t2s": state.settings.describe(), "tune": repr(settings), "format": "vp2p-tuned/1",
+                       "trainable": TRAINABLE_SET})
     cached = cache_dir() / f"tune_{key[:40]}.safetensors" if use_cache else None
 
     def train():

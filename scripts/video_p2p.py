@@ -64,7 +64,8 @@ def save_gif(frames: torch.Tensor, path: Path, fps: int = 8) -> None:
     ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's options (their defaults are the P2P Controller's)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="diffusers-format SD1.x/SD2.x folder (unet/, vae/, text_encoder/, tokenizer/)")
     ap.add_argument("--video", type=Path, help="input clip: a GIF or a folder of frames (default: a generated clip)")
@@ -72,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="a red ball rolling on a table", help="target prompt: the edit")
     ap.add_argument("--negative", default="")
     ap.add_argument("--edit", default="auto", choices=["auto", "replace", "refine"])
-    ap.add_argument("--cross-replace", type=float, default=0.4)
-    ap.add_argument("--self-replace", type=float, default=0.4)
+    ap.add_argument("--cross-replace", type=float, default=0.2,
+                    help="fraction of the steps the target's cross-attention comes from the source (official code: 0.2)")
+    ap.add_argument("--self-replace", type=float, default=0.5,
+                    help="fraction of the steps the target's self-attention comes from the source (official code: 0.5)")
     ap.add_argument("--blend-source", default="ball", help="local blend words of the source prompt (comma-separated; '' for none)")
     ap.add_argument("--blend-target", default="ball", help="local blend words of the target prompt")
     ap.add_argument("--blend-threshold", type=float, default=0.3)
@@ -94,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune-lr", type=float, default=3e-5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "out")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from diffusers.utils import logging as diffusers_logging

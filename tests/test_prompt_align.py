@@ -60,17 +60,73 @@ def test_replace_one_to_one_and_one_to_many(tok):
     assert resolve_kind(EditKind.AUTO, src, tgt) is EditKind.REPLACE
 
 
+def test_replace_keeps_later_words_aligned_when_a_swap_changes_token_count(tok):
+    """The official man-motor config: "man" (1 token) → "Spider-Man" (spider, -, man). Every
+    later word must still read its own source word, two positions earlier (a deliberate
+    deviation: the official mapper reads the source two positions later from "is" on)."""
+    prompt, _ = tok
+    src = prompt("a man is driving a motorbike in the forest")
+    tgt = prompt("a Spider-Man is driving a motorbike in the forest")
+    assert src.spans[1] == (2, 3) and tgt.spans[1] == (2, 5) and tgt.end == src.end + 2
+    m = replace_mapper(src, tgt)
+    want = torch.zeros(77, 77)
+    want[0, 0] = want[1, 1] = 1  # start, "a"
+    want[2, 2:5] = 1 / 3  # man -> spider, -, man
+    for s_pos in range(3, 77 - 2):  # is … forest, the end token and the padding: shifted by two
+        want[s_pos, s_pos + 2] = 1
+    assert torch.equal(m, want)
+    for (sa, sb), (ta, tb), w in zip(src.spans[2:], tgt.spans[2:], src.words[2:]):
+        assert m[sa:sb, ta:tb].diagonal().eq(1).all() and m[:, ta:tb].sum(0).eq(1).all(), w
+
+
 def test_refine_aligns_and_marks_new_tokens(tok):
     prompt, _ = tok
     src, tgt = prompt("a cat running"), prompt("a big cat running on snow")
     mapper, alphas = refine_mapper(src, tgt)
-    # target positions: 1 a, 2 big (new), 3 cat, 4 running, 5 on (new), 6 snow (new), 7 end …
-    assert mapper[:5].tolist() == [0, 1, 0, 2, 3] and alphas[:7].tolist() == [1, 1, 0, 1, 1, 0, 0]
-    assert mapper[7:].tolist() == list(range(src.end, src.end + 77 - 7))  # end token and padding, from each end
+    # target positions: 0 start, 1 a, 2 big (new), 3 cat, 4 running, 5 on (new), 6 snow (new), 7 end, 8… padding
+    assert mapper[:8].tolist() == [0, 1, -1, 2, 3, -1, -1, 4] and alphas[:8].tolist() == [1, 1, 0, 1, 1, 0, 0, 1]
+    assert mapper[8:].tolist() == list(range(8, 77)) and alphas[8:].eq(1).all()  # padding: the same position
     probs = torch.rand(1, 2, 4, 77).softmax(-1)
     target = torch.rand(1, 2, 4, 77).softmax(-1)
     edited = probs[..., mapper] * alphas + target * (1 - alphas)
     assert torch.equal(edited[..., 3], probs[..., 2]) and torch.equal(edited[..., 2], target[..., 2])
+    assert torch.equal(edited[..., 7], probs[..., 4]) and torch.equal(edited[..., 9], probs[..., 9])
+
+
+# Hand-derived with prompt-to-prompt's alignment (match 1, mismatch −1, gap 0; start and end
+# tokens aligned too; traceback from the end preferring left (target token unpaired), then up
+# (source token unpaired), then the diagonal). Each entry: the source position every target
+# position up to and including its end token reads, −1 for a new token (alpha 0); padding
+# after the target's end reads the same position of the source.
+REFINE_CASES = {
+    # a repeated target word: the traceback skips the later "cat" at no cost, so the first pairs
+    ("a cat", "a cat cat"): [0, 1, 2, -1, 3],
+    # a repeated source word: the later source "cat" is skipped, the target's pairs with the first
+    ("a cat cat", "a cat"): [0, 1, 2, 4],
+    # a word inserted before a repeated word: big is new, the first cat pairs, the second is new
+    ("a cat", "a big cat cat"): [0, 1, -1, 2, -1, 3],
+    # an inserted multi-token word (spider - man) before a repeated token (man)
+    ("a man", "a man Spider-Man"): [0, 1, 2, -1, -1, -1, 3],
+    ("a man is running", "a Spider-Man is running"): [0, 1, -1, -1, 2, 3, 4, 5],
+    # two words swap places: left before up pairs the target's first (dog), its cat is new
+    ("a cat dog", "a dog cat"): [0, 1, 3, -1, 4],
+    ("a dog and a cat", "a cat and a dog"): [0, 1, -1, 3, 4, -1, 6],
+    # removed words: target padding then reads the source's "running" (5) and end token (6)
+    ("a big red cat running", "a cat running"): [0, 1, 4, 5, 6],
+}
+
+
+@pytest.mark.parametrize("pair", list(REFINE_CASES), ids=lambda p: f"{p[0]}->{p[1]}")
+def test_refine_matches_prompt_to_prompt_on_ties(tok, pair):
+    prompt, _ = tok
+    src, tgt = prompt(pair[0]), prompt(pair[1])
+    head = REFINE_CASES[pair]
+    assert len(head) == tgt.end + 1  # the table lists every target token and the end token
+    mapper, alphas = refine_mapper(src, tgt)
+    want = torch.tensor(head + list(range(len(head), 77)))
+    assert torch.equal(mapper, want)
+    assert torch.equal(alphas, (want != -1).float())
+    assert mapper.dtype == torch.long and alphas.shape == (77,)
 
 
 def test_reweight_and_word_lists(tok):

@@ -71,6 +71,26 @@ def test_loss_decreases_and_only_intended_tensors_move(unet):
     assert moved, "temporal output projections did not learn"
 
 
+def test_tuning_trains_temporal_projections_and_freezes_the_temporal_norm():
+    """The reference's trainable set: to_q of attn1/attn2 and the temporal attention's q/k/v/out
+    projections; the temporal LayerNorm is not trained (bit-identical afterwards)."""
+    latents, cond = video()
+    host = DiffusersT2S(tiny_unet(seed=0), T2SSettings(FrameMode.FIRST_FRAME, True))
+    before = {n: p.detach().clone() for n, p in host.bank.named_parameters()}
+    with host:
+        tune_diffusers(host, latents, cond, AC, TuneSettings(steps=6, learning_rate=1e-3, seed=1))
+    after = dict(host.bank.named_parameters())
+    norms = [n for n in before if ".norm." in n]
+    projections = [n for n in before if n.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "to_out")]
+    assert norms and len(norms) + len(projections) == len(before)  # weight and bias of every layer's norm
+    for n in norms:
+        assert torch.equal(after[n], before[n]), n
+    for n in projections:
+        assert not torch.equal(after[n], before[n]), n
+    assert all(d.abs().sum() > 0 for d in host.deltas.values())
+    assert not any(p.requires_grad for p in host.bank.parameters())  # frozen again afterwards
+
+
 def test_same_seed_same_result_other_seed_differs():
     a, la, _, _ = tuned_host(tiny_unet(seed=0), steps=5, seed=3)
     b, lb, _, _ = tuned_host(tiny_unet(seed=0), steps=5, seed=3)

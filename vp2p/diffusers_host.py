@@ -204,8 +204,9 @@ class DiffusersT2S:
 def tune_diffusers(host: DiffusersT2S, latents: torch.Tensor, cond: torch.Tensor, alphas_cumprod: torch.Tensor,
                    settings: "TuneSettings", prediction: str = "eps", **kw: Any) -> list[float]:
     """Tune on Video on the diffusers host: trains ``host.deltas`` (to_q of attn1/attn2 of every
-    block) and the host's temporal bank in place; the UNet's own weights are not written."""
-    from .tuning import tune
+    block) and the temporal bank's projections in place (its LayerNorms stay frozen); the
+    UNet's own weights are not written."""
+    from .tuning import trainable_temporal_parameters, tune
 
     params: list[torch.Tensor] = []
     for key, (path, _) in host.blocks.items():
@@ -217,7 +218,7 @@ def tune_diffusers(host: DiffusersT2S, latents: torch.Tensor, cond: torch.Tensor
                 d = host.deltas[(kind, key)] = torch.zeros(w.shape, device=w.device, dtype=torch.float32)
             params.append(d.requires_grad_(True))
     if host.bank is not None:
-        params += list(host.bank.requires_grad_(True).parameters())
+        params += trainable_temporal_parameters(host.bank)
     frozen = [p.requires_grad for p in host.unet.parameters()]
     for p in host.unet.parameters():
         p.requires_grad_(False)

@@ -172,8 +172,8 @@ class EditOptions:
     target_prompt: str
     negative: str = ""
     edit: str = "auto"
-    cross_replace: float = 0.4
-    self_replace: float = 0.4
+    cross_replace: float = 0.2  # the P2P Controller's defaults: the official Video-P2P code's
+    self_replace: float = 0.5
     blend_source_words: tuple[str, ...] = ()
     blend_target_words: tuple[str, ...] = ()
     blend_threshold: float = 0.3

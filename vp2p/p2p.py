@@ -61,8 +61,8 @@ class P2PEdit:
     source_cond: torch.Tensor
     target_cond: torch.Tensor
     kind: EditKind
-    cross_replace: float = 0.4
-    self_replace: float = 0.4
+    cross_replace: float = 0.2  # the official Video-P2P code's defaults (the paper quotes 0.4 for cross)
+    self_replace: float = 0.5
     self_attention: SelfReplace = SelfReplace.TEMPORAL
     cross_words: dict[int, float] = field(default_factory=dict)
     reweight: Optional[torch.Tensor] = None

@@ -7,8 +7,10 @@ host checks that). Positions count the start token: the first word's first token
 * ``replace`` (word swap): both prompts have the same number of words; a swapped word's
   tokens take the source word's attention, a one-to-many token swap spreads it evenly.
   Expressed as a matrix ``M [T, T]``: target maps = source maps @ M.
-* ``refine``: a global alignment of the two token sequences; an aligned target token takes
-  its source token's attention, a new token keeps the target's own (``alphas`` 0).
+* ``refine``: prompt-to-prompt's global alignment (Needleman–Wunsch, its tie order and its
+  treatment of the start/end tokens and padding, so the mapper equals the official code's);
+  an aligned target token takes its source token's attention, a new token keeps the
+  target's own (``alphas`` 0).
 * ``reweight``: a per-token factor on the target's cross-attention.
 """
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -125,27 +127,53 @@ def _pair_tails(m: torch.Tensor, s: int, t: int, context: int) -> None:
         s, t = s + 1, t + 1
 
 
+UNALIGNED = -1  # mapper entry of a target token without a source token (its alpha is 0)
+# Stand-ins for the start/end tokens in the alignment, which only compares ids for equality:
+# each equals itself in both prompts and no vocabulary id.
+_START, _END = -101, -102
+# Needleman–Wunsch scores of prompt-to-prompt's refinement alignment.
+MATCH, MISMATCH, GAP = 1, -1, 0
+
+
 def refine_mapper(source: TokenizedPrompt, target: TokenizedPrompt) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mapper [T] long: the source position each target position reads, alphas [T]: 1 where
-    aligned, 0 for the target's new tokens)."""
-    pairs = global_alignment(source.ids, target.ids)
-    t = source.context
-    mapper = torch.zeros(t, dtype=torch.long)
-    alphas = torch.ones(t)
-    for j in range(len(target.ids)):
-        i = pairs[j]
+    """(mapper [T] long, alphas [T]) of a refinement edit, as prompt-to-prompt computes them.
+
+    The two prompts are aligned with their start and end tokens (``global_alignment``).
+    ``mapper[j]`` is the source position target position ``j`` reads; a target token the
+    alignment leaves unmatched has ``alphas[j] = 0`` (it keeps its own attention) and
+    ``mapper[j] = UNALIGNED`` (−1: indexing then reads the last position, weighted by 0).
+    Positions after the target's end token (padding) read the same position of the source,
+    whatever the source holds there (a pad, its end token, or even a word when the source is
+    longer); their alphas are 1.
+    """
+    context = source.context
+    src = (_START, *source.ids, _END)
+    tgt = (_START, *target.ids, _END)
+    mapper = torch.arange(context, dtype=torch.long)
+    alphas = torch.ones(context)
+    for j, i in enumerate(global_alignment(src, tgt)):
         if i is None:
-            alphas[1 + j] = 0.0
+            mapper[j], alphas[j] = UNALIGNED, 0.0
         else:
-            mapper[1 + j] = 1 + i
-    for k, j in enumerate(range(target.end, t)):
-        mapper[j] = min(source.end + k, t - 1)
+            mapper[j] = i
     return mapper, alphas
 
 
-def global_alignment(a: Sequence[int], b: Sequence[int], match: int = 1, mismatch: int = -1, gap: int = 0) -> list:
-    """Needleman–Wunsch: for each element of ``b`` the index of its matched element of ``a``
-    (equal tokens only), or None."""
+def global_alignment(a: Sequence[int], b: Sequence[int], match: int = MATCH, mismatch: int = MISMATCH,
+                     gap: int = GAP) -> list[Optional[int]]:
+    """Needleman–Wunsch alignment of ``a`` (source) and ``b`` (target): for each element of
+    ``b`` the index of the element of ``a`` it is paired with, or None.
+
+    Score table S [len(a)+1, len(b)+1]: S[i][0] = i·gap, S[0][j] = j·gap, and
+    S[i][j] = max(S[i][j−1] + gap, S[i−1][j] + gap, S[i−1][j−1] + (match if equal else mismatch)).
+    The traceback starts at the bottom-right corner and, where several moves give the
+    cell's score, takes the first of: skip ``b[j−1]`` (left), skip ``a[i−1]`` (up), pair them
+    (diagonal). On the top row it can only go left, on the left column only up. This tie
+    order is prompt-to-prompt's and decides which of repeated tokens are paired.
+    A diagonal move pairs the two elements whatever they are; with the default scores
+    (mismatch < 2·gap) it is only ever taken for equal elements, since "left" already scores
+    at least S[i−1][j−1] + 2·gap, more than a mismatched pair would.
+    """
     n, m = len(a), len(b)
     score = [[0] * (m + 1) for _ in range(n + 1)]
     for i in range(1, n + 1):
@@ -154,20 +182,18 @@ def global_alignment(a: Sequence[int], b: Sequence[int], match: int = 1, mismatc
         score[0][j] = j * gap
     for i in range(1, n + 1):
         for j in range(1, m + 1):
-            diag = score[i - 1][j - 1] + (match if a[i - 1] == b[j - 1] else mismatch)
-            score[i][j] = max(diag, score[i - 1][j] + gap, score[i][j - 1] + gap)
-    out: list = [None] * m
+            pair = score[i - 1][j - 1] + (match if a[i - 1] == b[j - 1] else mismatch)
+            score[i][j] = max(score[i][j - 1] + gap, score[i - 1][j] + gap, pair)
+    out: list[Optional[int]] = [None] * m
     i, j = n, m
-    while i > 0 and j > 0:
-        diag = score[i - 1][j - 1] + (match if a[i - 1] == b[j - 1] else mismatch)
-        if score[i][j] == diag:
-            if a[i - 1] == b[j - 1]:
-                out[j - 1] = i - 1
-            i, j = i - 1, j - 1
-        elif score[i][j] == score[i - 1][j] + gap:
-            i -= 1
+    while i > 0 or j > 0:
+        if i == 0 or (j > 0 and score[i][j] == score[i][j - 1] + gap):
+            j -= 1  # b[j-1] has no partner
+        elif j == 0 or score[i][j] == score[i - 1][j] + gap:
+            i -= 1  # a[i-1] has no partner
         else:
-            j -= 1
+            i, j = i - 1, j - 1
+            out[j] = i
     return out
 
 

@@ -1,7 +1,8 @@
 """Tuned T2S weights: what Tune on Video produces, and its safetensors file.
 
 The file holds only the tuned tensors — the ``to_q`` deltas (tuned weight = base + delta)
-of attn1/attn2 per layer key and the temporal layers' state — plus string metadata:
+of attn1/attn2 per layer key and the temporal layers' whole state (the trained projections
+and the untrained LayerNorms, so that it loads into a bank as it is) — plus string metadata:
 format version, base-model fingerprint, inflation settings, frames, prompt, steps,
 learning rate, seed. Writes are atomic (temporary file + rename). Never pickle.
 """

@@ -2,7 +2,10 @@
 after Tune-A-Video).
 
 Trainable set (the reference's): ``to_q`` of frame attention (attn1) and of cross
-attention (attn2) in every transformer block, plus every temporal-attention parameter.
+attention (attn2) in every transformer block, plus the temporal attention's projections
+(``to_q``/``to_k``/``to_v``/``to_out``, the output bias included). The temporal layer's
+LayerNorm is not trained: the reference's trainable module is the temporal attention, and
+its norm is a sibling module.
 Objective: the model's own training target (eps, or v for v-models) at a uniformly random
 training timestep (one per step, shared by the frames: the video is one sample) with
 fresh noise; AdamW with weight decay; gradient clipping.
@@ -30,6 +33,10 @@ log = logging.getLogger("VideoP2P")
 Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 TRAINABLE_UNET_SUFFIXES = (".attn1.to_q.weight", ".attn2.to_q.weight")
+# The modules of a temporal layer (``TemporalAttention``) that tuning trains; its ``norm`` stays frozen.
+TRAINABLE_TEMPORAL_MODULES = ("to_q", "to_k", "to_v", "to_out")
+# What is trained, in words: part of the tuning cache key, so results of another trainable set are not reused.
+TRAINABLE_SET = "attn1.to_q, attn2.to_q, temporal to_q/to_k/to_v/to_out (temporal norm frozen)"
 
 
 class TrainingDivergedError(VP2PError):
@@ -47,6 +54,21 @@ def is_trainable_unet_weight(name: str) -> bool:
 
 def trainable_unet_names(names: Iterable[str]) -> list[str]:
     return sorted(n for n in names if is_trainable_unet_weight(n))
+
+
+def trainable_temporal_parameters(bank: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters of a temporal bank that tuning trains, marked ``requires_grad``; every
+    other parameter of the bank (the LayerNorms) is marked frozen, so it gets no gradient.
+    Names are ``layers.<slug>.<module>.<weight|bias>``."""
+    out: list[torch.Tensor] = []
+    for name, p in bank.named_parameters():
+        train = name.rsplit(".", 2)[-2] in TRAINABLE_TEMPORAL_MODULES
+        p.requires_grad_(train)
+        if train:
+            out.append(p)
+    if not out:
+        raise SettingsError("The temporal bank has no to_q/to_k/to_v/to_out parameters to tune.")
+    return out
 
 
 @dataclass(frozen=True)

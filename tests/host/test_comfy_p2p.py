@@ -52,6 +52,16 @@ def edited_setup(pack, small_models, clip):
     return model, latents, inv
 
 
+def test_controller_defaults_are_the_official_codes(pack):
+    """The P2P Controller's cross_replace/self_replace default to the official run_videop2p.py's 0.2/0.5."""
+    node = nodes_of(pack)["VP2P_P2PController"]
+    inputs = {i.id: i for i in node.GET_SCHEMA().inputs}
+    assert (inputs["cross_replace"].default, inputs["self_replace"].default) == (0.2, 0.5)
+    required = node.INPUT_TYPES()["required"]
+    assert required["cross_replace"][1]["default"] == 0.2 and required["self_replace"][1]["default"] == 0.5
+    assert "0.2" in inputs["cross_replace"].tooltip and "0.5" in inputs["self_replace"].tooltip
+
+
 def test_edit_end_to_end_and_identity(pack, edited_setup, clip):
     model, latents, inv = edited_setup
     x, ctx = torch.randn(FRAMES, 4, 8, 8), torch.randn(FRAMES, 7, 768)

@@ -49,6 +49,24 @@ def test_tuning_patches_only_to_q_and_leaves_input_untouched(pack, small_models)
     assert any(p.abs().sum() > 0 for n, p in tuned_bank.named_parameters() if "to_out" in n)
 
 
+def test_tuning_freezes_the_temporal_norm(pack, small_models):
+    """As the reference: the temporal attention's q/k/v/out projections train, its LayerNorm does not."""
+    _, base = small_models
+    model = inflated(pack, base)
+    before = {n: p.detach().clone() for n, p in model.get_attachment("vp2p_t2s").bank.named_parameters()}
+    tuned, _ = run_tune(pack, model, steps=3, lr=1e-3)
+    after = {n: p.detach().cpu() for n, p in tuned.get_attachment("vp2p_t2s").bank.named_parameters()}
+    assert set(after) == set(before)
+    norms = [n for n in before if ".norm." in n]
+    projections = [n for n in before if n.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "to_out")]
+    assert norms and len(norms) + len(projections) == len(before)
+    for n in norms:
+        assert torch.equal(after[n], before[n].cpu()), n
+    for n in projections:
+        assert not torch.equal(after[n], before[n].cpu()), n
+    assert all(p[0][1][0].abs().sum() > 0 for p in tuned.patches.values())  # every to_q delta moved
+
+
 def test_same_seed_same_patches(pack, small_models):
     _, base = small_models
     model = inflated(pack, base)
