@@ -106,10 +106,37 @@ def test_plain_model_and_trajectory_matches_the_diffusers_host(pack, small_model
 
     vp2p = pack.vp2p
     diffusers_host = importlib.import_module(f"{pack.__name__}.vp2p.diffusers_host")
-    with diffusers_host.DiffusersT2S(unet, vp2p.T2SSettings(vp2p.FrameMode.NONE, False)) as host, torch.no_grad():
+    image_model = vp2p.T2SSettings(vp2p.FrameMode.NONE, False, importlib.import_module(f"{pack.__name__}.vp2p.video_norm").NormScope.FRAME)
+    with diffusers_host.DiffusersT2S(unet, image_model) as host, torch.no_grad():
         den = host.denoiser(vp2p.schedule.sd_alphas_cumprod())
         want = vp2p.inversion.ddim_invert(den, latents * 0.18215, positive[0][0], inv.schedule)
     assert torch.allclose(inv.trajectory, want, atol=2e-4, rtol=1e-4), (inv.trajectory - want).abs().max()
+
+
+def test_the_unet_sees_the_current_latent_at_the_destination_timestep(pack, small_models):
+    """As the references' inversion: timesteps 1, 251, 501, 751 at 4 steps (1, 21, …, 981 at 50), each on the
+    latent one level lower (the first on the clean video), through ComfyUI's own model sampling."""
+    _, base = small_models
+    latents, positive, negative = video(3)
+    seen = []
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["x"]
+        t = kwargs.get("timesteps", args[1] if len(args) > 1 else None)
+        seen.append((t.float().cpu().clone(), x.float().cpu().clone()))
+
+    handle = base.model.diffusion_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        inv, _ = invert_node(pack, base, latents, positive, negative, mode="ddim_only", cfg=1.0)
+    finally:
+        handle.remove()
+    assert [round(float(t[0])) for t, _ in seen] == [1, 251, 501, 751]
+    assert all(torch.allclose(t, t[0].expand_as(t), atol=1e-3) for t, _ in seen)
+    sig = inv.schedule.sigmas
+    for n, (_, x_in) in enumerate(seen):
+        i = STEPS - 1 - n  # the call at sigmas[i] sees trajectory[i+1], in the UNet's (DDPM) scale
+        torch.testing.assert_close(x_in, inv.trajectory[i + 1] / torch.sqrt(1 + sig[i + 1] ** 2), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(seen[0][1], base.model.latent_format.process_in(latents), atol=1e-4, rtol=1e-4)
 
 
 def test_cache_hit_is_bit_identical_with_zero_unet_calls_and_misses_on_change(pack, small_models, tmp_path, caplog):
