@@ -1,5 +1,14 @@
 """Running the pack on the parity fixture (../shared/parity): the official Video-P2P code's results
-on a tiny random model, and the same computation through the pack's diffusers pipeline."""
+on a tiny random model, and the same computation through the pack's diffusers pipeline.
+
+Two ways to compare:
+
+* ``stagewise`` (the test): each stage on the official stage's input — the inversion (and null-text
+  optimisation) from the video latents x0, the edit from the official x_T (and, in null-text mode,
+  the official null embeddings). A difference then belongs to the stage that made it.
+* ``end_to_end`` (``bench/bench_parity.py``): the whole pipeline from x0, as a user runs it. On this
+  random UNet a difference in x_T is amplified about five-fold by the ten denoising steps.
+"""
 
 from __future__ import annotations
 
@@ -36,27 +45,25 @@ def read_fixture(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def load_model() -> Any:
+    """The fixture's model as diffusers components (no VAE: the fixture starts from latents)."""
     from vp2p.diffusers_pipeline import load_components
 
-    c = load_components(PARITY_DIR / "model", torch.device("cpu"), torch.float32, vae=False)
-    return c
+    return load_components(PARITY_DIR / "model", torch.device("cpu"), torch.float32, vae=False)
 
 
-def run_fixture(path: Path, components: Optional[Any] = None, **changes: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(ours, official) for one fixture file. ``changes`` override fields of the pack's settings
-    (``T2SSettings``: group_norm …; ``EditOptions``: …) to measure what each choice contributes."""
+def fixture_settings(path: Path, **changes: Any) -> tuple[Any, Any, Any]:
+    """(T2SSettings, EditOptions, InversionSettings) of a fixture file, with ``changes`` applied to
+    whichever of them has the field (to measure what a choice contributes)."""
     from vp2p import FrameMode, T2SSettings
-    from vp2p.diffusers_pipeline import EditOptions, edit_video
+    from vp2p.diffusers_pipeline import EditOptions
     from vp2p.inversion import InversionMode, InversionSettings
 
-    reference, meta = read_fixture(path)
-    c = components if components is not None else load_model()
+    _, meta = read_fixture(path)
     mode = meta["mode"]
     if meta.get("frame_attention", "first_frame") != "first_frame" or not meta.get("temporal", "").startswith("untuned"):
         raise ValueError(f"{path.name}: unexpected fixture settings {meta}")
-    settings = T2SSettings(FrameMode.FIRST_FRAME, True)
-    settings = replace(settings, **{k: v for k, v in changes.items() if k in T2SSettings.__dataclass_fields__})
     word, value = meta["reweight"].split(":") if meta.get("reweight") else ("", "")
+    settings = T2SSettings(FrameMode.FIRST_FRAME, True)
     options = EditOptions(
         source_prompt=meta["src"], target_prompt=meta["tgt"], negative="", edit=meta["edit"],
         cross_replace=float(meta["cross_replace"]), self_replace=float(meta["self_replace"]),
@@ -64,12 +71,55 @@ def run_fixture(path: Path, components: Optional[Any] = None, **changes: Any) ->
         blend_threshold=float(meta["blend_threshold"]), reweight=f"{word}:{value}" if word else "",
         guidance="fast" if mode == "fast" else "decoupled", cfg=float(meta["cfg"]),
     )
-    options = replace(options, **{k: v for k, v in changes.items() if k in EditOptions.__dataclass_fields__})
     inversion = InversionSettings(steps=int(meta["steps"]), cfg=float(meta["cfg"]),
                                   mode=InversionMode.DDIM_ONLY if mode == "fast" else InversionMode.SHARED_NULL_TEXT,
                                   inner_steps=10, early_stop=1e-5)
-    with torch.no_grad():
-        run = edit_video(c, settings, reference["x0"], options, inversion)
+    out = []
+    for obj in (settings, options, inversion):
+        fields = getattr(obj, "__dataclass_fields__")
+        out.append(replace(obj, **{k: v for k, v in changes.items() if k in fields}))
+    return tuple(out)
+
+
+def run_stagewise(path: Path, components: Optional[Any] = None, **changes: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(ours, official): x_T (and null embeddings) inverted from x0; source and edited latents sampled
+    from the official x_T (and null embeddings)."""
+    from vp2p.diffusers_host import DiffusersT2S
+    from vp2p.diffusers_pipeline import build_edit, sample_edit
+    from vp2p.edit import EditInputs
+    from vp2p.inversion import ddim_invert, optimise_null_text
+    from vp2p.schedule import Schedule
+
+    reference, _ = read_fixture(path)
+    c = components if components is not None else load_model()
+    settings, options, inversion = fixture_settings(path, **changes)
+    edit, negative = build_edit(c, options)
+    cond = edit.source_cond
+    schedule = Schedule.reference(inversion.steps, c.alphas_cumprod)
+    sigma0 = torch.sqrt(1 + schedule.sigmas[0] ** 2)
+    ours: dict[str, torch.Tensor] = {}
+    with DiffusersT2S(c.unet, settings) as host:
+        den = host.denoiser(c.alphas_cumprod)
+        with torch.no_grad():
+            trajectory = ddim_invert(den, reference["x0"], cond, schedule)
+        ours["x_T"] = trajectory[0] / sigma0
+        nulls = optimise_null_text(den, trajectory, cond, negative, schedule, inversion).null_embeddings
+        if nulls is not None:
+            ours["null_embeddings"] = nulls
+        official = EditInputs(reference["x_T"] * sigma0, schedule, cond, reference.get("null_embeddings"), negative, inversion.cfg)
+        out = sample_edit(den, edit, official, options, tuple(reference["x0"].shape[-2:]))
+    ours["source"], ours["edited"] = out.source, out.edited
+    return ours, reference
+
+
+def run_end_to_end(path: Path, components: Optional[Any] = None, **changes: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(ours, official): the pack's whole pipeline (``edit_video``) from x0."""
+    from vp2p.diffusers_pipeline import edit_video
+
+    reference, _ = read_fixture(path)
+    c = components if components is not None else load_model()
+    settings, options, inversion = fixture_settings(path, **changes)
+    run = edit_video(c, settings, reference["x0"], options, inversion)
     ours = {"x_T": run.z_t, "source": run.source, "edited": run.edited}
     if run.null_embeddings is not None:
         ours["null_embeddings"] = run.null_embeddings

@@ -24,7 +24,9 @@ from .schedule import Schedule, ddim_sample
 from .tuning import TuneSettings
 
 if TYPE_CHECKING:
+    from .edit import EditInputs, EditResult
     from .inversion import InversionSettings
+    from .p2p import P2PEdit
 
 log = logging.getLogger("VideoP2P")
 
@@ -200,18 +202,12 @@ class EditRun:
         return self.trajectory[0] / torch.sqrt(1 + self.schedule.sigmas[0] ** 2)
 
 
-def edit_video(c: Components, settings: T2SSettings, latents: torch.Tensor, options: EditOptions,
-               inversion: "InversionSettings", tune: Optional[TuneSettings] = None,
-               progress: Optional[Callable[[str, int, int, float], None]] = None) -> EditRun:
-    """Video-P2P end to end on diffusers components: (tune) → invert → control → decoupled sampling.
-    latents [F, 4, h, w] (VAE-scaled) -> the edit, the source reconstruction and the inversion."""
-    from .edit import EditInputs, Guidance, decoupled_edit
-    from .inversion import ddim_invert, optimise_null_text
-    from .local_blend import LocalBlend, LocalBlendSpec
-    from .p2p import P2PController, P2PEdit
+def build_edit(c: Components, options: EditOptions) -> tuple["P2PEdit", torch.Tensor]:
+    """The P2P Controller's work on diffusers components: (the edit, the negative embedding [1, T, D])."""
+    from .local_blend import LocalBlendSpec
+    from .p2p import P2PEdit
     from .prompt_align import EditKind, hf_encoder, parse_word_values, resolve_kind, reweight_vector, tokenize_prompt, word_positions
 
-    report = progress or (lambda stage, i, n, loss: None)
     encode = hf_encoder(c.tokenizer)
     context = int(c.tokenizer.model_max_length)
     src = tokenize_prompt(options.source_prompt, encode, context)
@@ -226,9 +222,39 @@ def edit_video(c: Components, settings: T2SSettings, latents: torch.Tensor, opti
     cond, target, negative = (encode_prompt(c, p).float() for p in (options.source_prompt, options.target_prompt, options.negative))
     edit = P2PEdit(src, tgt, cond.cpu(), target.cpu(), kind, cross_replace=options.cross_replace,
                    self_replace=options.self_replace, reweight=reweight_vector(tgt, factors) if factors else None, blend=blend_spec)
+    return edit, negative.cpu()
+
+
+def sample_edit(den: Callable, edit: "P2PEdit", inputs: "EditInputs", options: EditOptions, latent_hw: tuple[int, int],
+                progress: Optional[Callable[[str, int, int, float], None]] = None) -> "EditResult":
+    """The Decoupled Sampler on diffusers components: P2P control (and LocalBlend) from an inversion."""
+    from .edit import Guidance, decoupled_edit
+    from .local_blend import LocalBlend
+    from .p2p import P2PController
+
+    report = progress or (lambda stage, i, n, loss: None)
+    schedule = inputs.schedule
+    blend = LocalBlend(edit.blend, inputs.z_t.shape[0], latent_hw, schedule.steps) if edit.blend is not None else None
+    with torch.no_grad():
+        return decoupled_edit(den, inputs, edit.target_cond, options.cfg, Guidance.parse(options.guidance),
+                              P2PController(edit, schedule, blend), blend,
+                              on_step=lambda i, x: report("edit", i + 1, schedule.steps, float("nan")))
+
+
+def edit_video(c: Components, settings: T2SSettings, latents: torch.Tensor, options: EditOptions,
+               inversion: "InversionSettings", tune: Optional[TuneSettings] = None,
+               progress: Optional[Callable[[str, int, int, float], None]] = None) -> EditRun:
+    """Video-P2P end to end on diffusers components: (tune) → invert → control → decoupled sampling.
+    latents [F, 4, h, w] (VAE-scaled) -> the edit, the source reconstruction and the inversion."""
+    from .edit import EditInputs
+    from .inversion import ddim_invert, optimise_null_text
+
+    report = progress or (lambda stage, i, n, loss: None)
+    edit, negative = build_edit(c, options)
+    x0 = latents.float()
+    cond, negative = edit.source_cond.to(x0.device), negative.to(x0.device)
     schedule = Schedule.reference(inversion.steps, c.alphas_cumprod)
     prediction = "v" if c.prediction_type == "v_prediction" else "eps"
-    x0 = latents.float()
     with DiffusersT2S(c.unet, settings) as host:
         if tune is not None and tune.steps > 0:
             tune_diffusers(host, x0, cond, c.alphas_cumprod, tune, prediction,
@@ -239,9 +265,5 @@ def edit_video(c: Components, settings: T2SSettings, latents: torch.Tensor, opti
         result = optimise_null_text(den, trajectory, cond, negative, schedule, inversion,
                                     on_step=lambda i, used, loss: report("null-text", i, schedule.steps, loss))
         inputs = EditInputs(trajectory[0], schedule, cond, result.null_embeddings, negative, inversion.cfg, result.source_path)
-        blend = LocalBlend(blend_spec, x0.shape[0], tuple(x0.shape[-2:]), schedule.steps) if blend_spec is not None else None
-        with torch.no_grad():
-            out = decoupled_edit(den, inputs, target, options.cfg, Guidance.parse(options.guidance),
-                                 P2PController(edit, schedule, blend), blend,
-                                 on_step=lambda i, x: report("edit", i + 1, schedule.steps, float("nan")))
+        out = sample_edit(den, edit, inputs, options, tuple(x0.shape[-2:]), progress)
     return EditRun(out.edited, out.source, trajectory, result.null_embeddings, schedule)
