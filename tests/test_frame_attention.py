@@ -13,10 +13,11 @@ HEADS, DH = 2, 4
 C = HEADS * DH
 
 
-def reference_frame_attention(q, k, v, videos, frames, mode):
-    """Per frame, per head: softmax(q·kᵀ/√d) over the keys of the source frames (loops, no tricks)."""
+def reference_frame_attention(q, k, v, videos, frames, mode, sources=None):
+    """Per frame, per head: softmax(q·kᵀ/√d) over the keys of the source frames (loops, no tricks);
+    ``sources`` (per frame, the frames it reads) overrides the mode's definition."""
     out = torch.empty_like(q)
-    src = source_frames(mode, frames)
+    src = sources if sources is not None else source_frames(mode, frames)
     for vid in range(videos):
         for f in range(frames):
             r = vid * frames + f
@@ -56,6 +57,22 @@ def test_sources_are_as_defined():
     assert source_frames(FrameMode.MIDDLE_FRAME, 5) == [[2]] * 5
     assert source_frames(FrameMode.SPARSE_CAUSAL, 4) == [[0, 0], [0, 0], [0, 1], [0, 2]]
     assert source_frames(FrameMode.NONE, 2) == [[0], [1]]
+
+
+# FateZero's code reads frame (F − 1) // 2: the lower middle of an even count (frame 3 of 8).
+FATEZERO_MIDDLE = {1: 0, 2: 0, 3: 1, 4: 1, 5: 2, 6: 2, 7: 3, 8: 3, 9: 4}
+
+
+@pytest.mark.parametrize("frames", sorted(FATEZERO_MIDDLE))
+def test_middle_frame_is_fatezeros_lower_middle(frames):
+    middle = FATEZERO_MIDDLE[frames]
+    assert source_frames(FrameMode.MIDDLE_FRAME, frames) == [[middle]] * frames
+    q, k, v = (torch.randn(2 * frames, 6, C) for _ in range(3))
+    want = reference_frame_attention(q, k, v, 2, frames, FrameMode.MIDDLE_FRAME, sources=[[middle]] * frames)
+    torch.testing.assert_close(run_patch(FrameMode.MIDDLE_FRAME, q, k, v, [1, 0]), want, atol=1e-5, rtol=1e-5)
+    if frames % 2 == 0:  # the upper middle F // 2 gives another output
+        upper = reference_frame_attention(q, k, v, 2, frames, FrameMode.MIDDLE_FRAME, sources=[[frames // 2]] * frames)
+        assert not torch.allclose(want, upper, atol=1e-3)
 
 
 def test_first_frame_output_of_frame0_ignores_other_frames():
