@@ -52,10 +52,10 @@ class Host:
     """A tiny middle-frame T2S UNet, a video's DDIM inversion with a store, and the edit's inputs."""
 
     def __init__(self, unet, prompt, mode=FrameMode.MIDDLE_FRAME, fraction=1.0, max_tokens=DEFAULT_MAX_TOKENS, directory=None,
-                 in_memory=True):
+                 in_memory=True, min_channels=0):
         from vp2p.diffusers_host import DiffusersT2S
 
-        self.host = DiffusersT2S(unet, T2SSettings(mode, False)).install()
+        self.host = DiffusersT2S(unet, T2SSettings(mode, False, frame_attention_min_channels=min_channels)).install()
         self.den = self.host.denoiser(sd_alphas_cumprod())
         g = torch.Generator().manual_seed(3)
         self.latents = torch.randn(1, 4, 8, 8, generator=g) + 0.5 * torch.randn(FRAMES, 4, 8, 8, generator=g)
@@ -63,7 +63,7 @@ class Host:
         self.cond = embed(self.src)
         self.empty = 0.1 * torch.randn(1, 77, DIM, generator=g)
         self.sched = Schedule.reference(STEPS)
-        spec = StoreSpec.for_fraction(STEPS, fraction, max_tokens, FRAMES, mode, "test")
+        spec = StoreSpec.for_fraction(STEPS, fraction, max_tokens, FRAMES, mode, "test", min_channels)
         self.store = AttentionStore(spec, directory, in_memory)
         self.calls = 0
         with torch.no_grad():
@@ -125,15 +125,20 @@ def test_store_holds_the_stored_steps_and_layers_in_half_precision(host):
     torch.testing.assert_close(p.float().sum(-1), torch.ones(FRAMES, 8, 64), atol=2e-3, rtol=0)
 
 
-def test_store_bytes_equal_the_formula(host, unet):
+def stored_layers(store):
+    """(tokens per frame N, channels C, heads H) of every layer in a store."""
     layers = []
-    for n in host.store.names(0):
+    for n in store.names(0):
         kind, key, part = parse_entry(n)
         if kind == "attn2":
-            p = host.store.get(0, n)
-            q = host.store.get(0, entry("attn1", key, "q"))
+            p = store.get(0, n)
+            q = store.get(0, entry("attn1", key, "q"))
             layers.append((p.shape[2], q.shape[-1], p.shape[1]))
-    want = store_nbytes(FRAMES, layers, FrameMode.MIDDLE_FRAME, 77, STEPS)
+    return layers
+
+
+def test_store_bytes_equal_the_formula(host, unet):
+    want = store_nbytes(FRAMES, stored_layers(host.store), FrameMode.MIDDLE_FRAME, 77, STEPS)
     assert host.store.nbytes == want
     assert sum(t.numel() * 2 for t in host.store.tensors().values()) == want
 
@@ -292,3 +297,30 @@ def test_other_frame_modes_fuse_from_their_compact_keys(unet, prompt, mode):
         assert torch.isfinite(res.edited).all() and not torch.allclose(res.edited, off.edited, atol=1e-4)
     finally:
         h.close()
+
+
+def test_min_channels_store_keeps_every_frame_in_narrow_blocks(unet, prompt, host):
+    """With FateZero's least_sc_channel the narrow blocks' attn1 is per frame: the store keeps
+    their keys of every frame (the wide middle block: the middle frame's), the formula follows,
+    fusion reads each layer by its own mode, and a model inflated otherwise is refused."""
+    h = Host(unet, prompt, fraction=0.6, min_channels=64)  # the tiny UNet: 32-wide blocks, a 64-wide middle
+    try:
+        spec = h.store.spec
+        assert spec.frame_attention_min_channels == 64 and StoreSpec.from_json(spec.to_json()) == spec
+        assert "frame_attention_min_channels" not in host.store.spec.to_json()  # the default: earlier stores' description
+        narrow = h.store.get(0, entry("attn1", LayerKey("input", 1, 0), "k"))
+        wide = h.store.get(0, entry("attn1", LayerKey("middle", 0, 0), "k"))
+        assert narrow.shape[0] == FRAMES and wide.shape[0] == 1
+        assert h.store.get(0, entry("attn1", LayerKey("input", 1, 0), "q")).shape[0] == FRAMES  # per-frame rows
+        layers = stored_layers(h.store)
+        want = store_nbytes(FRAMES, layers, FrameMode.MIDDLE_FRAME, 77, spec.stored_steps, frame_attention_min_channels=64)
+        assert h.store.nbytes == want > store_nbytes(FRAMES, layers, FrameMode.MIDDLE_FRAME, 77, spec.stored_steps)
+        fz = fz_edit(prompt, cross=0.6, self_=0.6, words=("cat",), threshold=0.9)
+        res, _ = h.edit(fz)
+        off, _ = h.edit(fz_edit(prompt, cross=0.0, self_=0.0))
+        assert torch.isfinite(res.edited).all() and not torch.allclose(res.edited, off.edited, atol=1e-4)
+        store = h.store
+    finally:
+        h.close()
+    with pytest.raises(AttentionStoreError, match="does not fit"):
+        host.edit(fz_edit(prompt, cross=0.6, self_=0.6), store=store)  # frame attention in every block

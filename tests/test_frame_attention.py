@@ -106,6 +106,36 @@ def test_sparse_causal_keys_grow_linearly():
         assert inputs.k.numel() == 2 * k.numel()
 
 
+def test_min_channels_leaves_narrow_blocks_per_frame():
+    """FateZero's least_sc_channel: a block narrower than the minimum keeps plain self-attention."""
+    from vp2p import LayerKey
+    from vp2p.errors import RegistrationError, SettingsError
+
+    frames = 4
+    q, k, v = (torch.randn(2 * frames, 6, C) for _ in range(3))
+    narrow, wide = LayerKey("input", 1, 0), LayerKey("middle", 0, 0)
+    settings = T2SSettings(FrameMode.MIDDLE_FRAME, False, frame_attention_min_channels=640)
+    patch = AttentionPatch(settings, block_widths={narrow: 320, wide: 640})
+    assert patch.frame_mode(narrow) is FrameMode.NONE and patch.frame_mode(wide) is FrameMode.MIDDLE_FRAME
+    out_narrow = patch.attn1(q, k, v, extra_options(("input", 1), 0, HEADS, [1, 0]))
+    out_wide = patch.attn1(q, k, v, extra_options(("middle", 0), 0, HEADS, [1, 0]))
+    plain = AttentionPatch(T2SSettings(FrameMode.NONE, False)).attn1(q, k, v, extra_options(("input", 1), 0, HEADS, [1, 0]))
+    assert torch.equal(out_narrow, plain)
+    torch.testing.assert_close(out_wide, reference_frame_attention(q, k, v, 2, frames, FrameMode.MIDDLE_FRAME), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out_wide, plain, atol=1e-3)
+    # the default (0) gives every block frame attention, whatever its width
+    every = AttentionPatch(T2SSettings(FrameMode.MIDDLE_FRAME, False), block_widths={narrow: 320, wide: 640})
+    assert torch.equal(every.attn1(q, k, v, extra_options(("input", 1), 0, HEADS, [1, 0])), out_wide)
+    assert "frame_attention_min_channels=640" in settings.describe()
+    assert "min_channels" not in T2SSettings(FrameMode.MIDDLE_FRAME, False).describe()  # default fingerprints unchanged
+    with pytest.raises(SettingsError, match="block_widths"):
+        AttentionPatch(settings)
+    with pytest.raises(SettingsError, match="≥ 0"):
+        T2SSettings(FrameMode.MIDDLE_FRAME, False, frame_attention_min_channels=-1)
+    with pytest.raises(RegistrationError, match="not among"):
+        patch.attn1(q, k, v, extra_options(("output", 3), 0, HEADS, [1, 0]))
+
+
 def test_bad_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="first_frame"):
         FrameMode.parse("last_frame")

@@ -137,8 +137,15 @@ class FateZeroController(AttentionController):
         mask = self.self_mask(step, tokens) if self.fz.mask_positions else None  # [F, N] True: the edit's own
         if mask is not None and bool(mask.all()):
             return None  # the edit keeps all of its own attention
+        # The layer's own frame attention (the store's mode, or none in a block narrower than
+        # frame_attention_min_channels) regrouped its keys when they were recorded.
+        if call.frame_mode not in (self.frame_mode, FrameMode.NONE):
+            raise AttentionStoreError(
+                f"The attention store was recorded with {self.frame_mode.value} frame attention, but layer {call.key} of this "
+                f"MODEL uses {call.frame_mode.value}. Edit with the MODEL the video was inverted with, or invert again."
+            )
         q_src = self.store.get(step, entry(ATTN1, call.key, "q")).to(q)
-        k_src = expand_keys(self.store.get(step, entry(ATTN1, call.key, "k")).to(k), self.frame_mode, call.layout.frames)
+        k_src = expand_keys(self.store.get(step, entry(ATTN1, call.key, "k")).to(k), call.frame_mode, call.layout.frames)
         if q_src.shape != q.shape or k_src.shape != k.shape:
             raise AttentionStoreError(
                 f"The stored self-attention of layer {call.key} does not fit this edit (queries {list(q_src.shape)} vs "

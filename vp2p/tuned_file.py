@@ -47,14 +47,16 @@ def save_tuned(path: Path, weights: TunedWeights) -> Path:
     """Write ``weights`` atomically to ``path`` (a .safetensors file)."""
     meta = dict(weights.metadata)
     meta.update(format=FORMAT, frame_attention=weights.settings.frame_attention.value,
-                temporal_attention=json.dumps(weights.settings.temporal_attention))
+                temporal_attention=json.dumps(weights.settings.temporal_attention),
+                frame_attention_min_channels=str(weights.settings.frame_attention_min_channels))
     return write_atomic(path, weights.tensors(), meta)
 
 
 def load_tuned(path: Path) -> TunedWeights:
     """Read a tuned-weights file; raises ``TunedFileError`` with what is wrong."""
     tensors, meta = read_checked(path, FORMAT, "Tune on Video", TunedFileError)
-    settings = T2SSettings(FrameMode.parse(meta["frame_attention"]), bool(json.loads(meta["temporal_attention"])))
+    settings = T2SSettings(FrameMode.parse(meta["frame_attention"]), bool(json.loads(meta["temporal_attention"])),
+                           frame_attention_min_channels=int(meta.get("frame_attention_min_channels", "0")))  # older files: 0
     deltas: dict[tuple[str, LayerKey], torch.Tensor] = {}
     temporal: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
