@@ -233,7 +233,8 @@ def install(clone: Any, settings: T2SSettings, bank: Optional[TemporalBank], blo
     if chained:
         log.info("Inflate to T2S: chaining %d attention replace(s) installed by other nodes.", len(chained))
 
-    patch = AttentionPatch(settings, attention_fn=comfy_sdpa, previous=chained, temporal=bank)
+    widths = {key: shape.dim for key, shape in block_shapes(clone, blocks).items()}
+    patch = AttentionPatch(settings, attention_fn=comfy_sdpa, previous=chained, temporal=bank, block_widths=widths)
     for key in blocks:
         clone.set_model_attn1_replace(patch.attn1, key.block, key.id, key.index)
         clone.set_model_attn2_replace(patch.attn2, key.block, key.id, key.index)

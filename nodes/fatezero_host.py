@@ -2,7 +2,8 @@
 CLIP, and the target-only sampling run that fuses the inversion's attention store.
 
 The prompts, word alignment and re-weighting are prompt-to-prompt's (``p2p_host.build_edit``);
-FateZero adds the blend words' source mask for self-attention and the latent blend window.
+FateZero adds the blend words' source mask for self-attention and the latent blend (window,
+and which inverted latent it keeps).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import torch
 from ..vp2p import SettingsError
 from ..vp2p.attention_store import check_store_matches
 from ..vp2p.edit import EditInputs, EditResult, Guidance, fused_edit
-from ..vp2p.fatezero import FateZeroController, FateZeroEdit, check_store_covers
+from ..vp2p.fatezero import BlendLatent, FateZeroController, FateZeroEdit, FateZeroLatentBlend, check_store_covers
 from ..vp2p.inversion_file import Inversion
-from ..vp2p.local_blend import LocalBlend, LocalBlendSpec
+from ..vp2p.local_blend import LocalBlendSpec
 from ..vp2p.prompt_align import split_words, word_positions
 from .comfy_host import get_state
 from .p2p_host import branch_denoiser, build_edit, check_consistency
@@ -27,7 +28,8 @@ NODE = "FateZero Controller"
 
 def build_fatezero(clip: Any, source_prompt: str, target_prompt: str, cross_replace: float, self_replace: float, blend_words: str,
                    blend_threshold: float, reweight: str, latent_blend: bool, edit: str = "auto", latent_blend_target_words: str = "",
-                   latent_blend_start: float = 0.2, latent_blend_end: float = 0.8) -> FateZeroEdit:
+                   latent_blend_start: float = 0.2, latent_blend_end: float = 0.8,
+                   latent_blend_source: str = BlendLatent.SAME_LEVEL.value) -> FateZeroEdit:
     p2p = build_edit(clip, source_prompt, target_prompt, edit, cross_replace, self_replace, "", "", blend_threshold, reweight)
     words = split_words(blend_words)
     positions = tuple(word_positions(p2p.source, words, "blend_words", "source")) if words else ()
@@ -42,7 +44,7 @@ def build_fatezero(clip: Any, source_prompt: str, target_prompt: str, cross_repl
         p2p.blend = LocalBlendSpec(positions, tuple(word_positions(p2p.target, target_words, "latent_blend_target_words", "target")),
                                    threshold=float(blend_threshold), start=float(latent_blend_start), average=False,
                                    end=float(latent_blend_end))
-    return FateZeroEdit(p2p, positions, float(blend_threshold))
+    return FateZeroEdit(p2p, positions, float(blend_threshold), BlendLatent.parse(latent_blend_source))
 
 
 def check_fusion(model: Any, inversion: Inversion, control: FateZeroEdit) -> None:
@@ -74,7 +76,8 @@ def run_fused(model: Any, inversion: Inversion, control: FateZeroEdit, cfg: floa
     denoise = branch_denoiser(model)
     sched = inversion.schedule
     latent_hw = tuple(inversion.latent_shape[-2:])
-    blend = LocalBlend(control.edit.blend, inversion.frames, latent_hw, sched.steps) if control.edit.blend is not None else None
+    blend = (FateZeroLatentBlend(control.edit.blend, inversion.frames, latent_hw, sched.steps, control.blend_latent)
+             if control.edit.blend is not None else None)
     controller = FateZeroController(control, inversion.attention, sched, latent_hw, blend)
     inputs = EditInputs(
         z_t=inversion.z_t.to(device), schedule=sched, cond=inversion.cond.to(device),

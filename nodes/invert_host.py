@@ -138,7 +138,8 @@ def store_spec(model: Any, positive: list, frames: int, steps: int, fraction: fl
             "'Inflate to T2S' before the inverter (middle_frame and no temporal attention for a zero-shot FateZero edit)."
         )
     cond = conditioning_tensor(positive, frames, "positive", NODE)
-    return StoreSpec.for_fraction(steps, fraction, max_tokens, frames, state.settings.frame_attention, cond_digest(cond))
+    return StoreSpec.for_fraction(steps, fraction, max_tokens, frames, state.settings.frame_attention, cond_digest(cond),
+                                  state.settings.frame_attention_min_channels)
 
 
 def cache_key(fp: str, samples: torch.Tensor, positive: list, negative: list, settings: InversionSettings) -> str:

@@ -7,6 +7,7 @@ import logging
 from comfy_api.latest import io
 
 from ..vp2p.edit import Guidance
+from ..vp2p.fatezero import BlendLatent
 from ..vp2p.p2p import SelfReplace
 from ..vp2p.prompt_align import EditKind
 from .invert_nodes import Inversion
@@ -142,7 +143,14 @@ class FateZeroController(io.ComfyNode):
                 io.Float.Input("latent_blend_start", default=0.2, min=0.0, max=1.0, step=0.05, optional=True,
                                tooltip="The latent blend starts at this fraction of the steps (FateZero: 0.2)."),
                 io.Float.Input("latent_blend_end", default=0.8, min=0.0, max=1.0, step=0.05, optional=True,
-                               tooltip="The latent blend stops at this fraction of the steps (FateZero: 0.8)."),
+                               tooltip="The latent blend stops at this fraction of the steps (FateZero: 0.8). As in "
+                                       "FateZero's code the last blended step is int(end·steps) − 2 (step 38 of 0–49)."),
+                io.Combo.Input("latent_blend_source", options=[b.value for b in BlendLatent], default=BlendLatent.SAME_LEVEL.value,
+                               optional=True,
+                               tooltip="Which inverted latent the latent blend keeps outside its mask. same_level: the one at "
+                                       "the noise level the step reached (keeps the background exactly on its inversion path). "
+                                       "one_level_noisier: the one a step noisier, as FateZero's code reads it (for parity "
+                                       "with its numbers)."),
             ],
             outputs=[Control.Output("control", tooltip="The edit, for the Decoupled Sampler (with an inversion that stored "
                                                        "attention).")],
@@ -151,12 +159,13 @@ class FateZeroController(io.ComfyNode):
     @classmethod
     def execute(cls, clip, source_prompt: str, target_prompt: str, cross_replace: float, self_replace: float, blend_words: str,
                 blend_threshold: float, reweight: str, latent_blend: bool, edit: str = "auto", latent_blend_target_words: str = "",
-                latent_blend_start: float = 0.2, latent_blend_end: float = 0.8) -> io.NodeOutput:
+                latent_blend_start: float = 0.2, latent_blend_end: float = 0.8,
+                latent_blend_source: str = BlendLatent.SAME_LEVEL.value) -> io.NodeOutput:
         from .fatezero_host import build_fatezero
 
         fz = build_fatezero(clip, source_prompt, target_prompt, float(cross_replace), float(self_replace), blend_words,
                             float(blend_threshold), reweight, bool(latent_blend), edit, latent_blend_target_words,
-                            float(latent_blend_start), float(latent_blend_end))
+                            float(latent_blend_start), float(latent_blend_end), latent_blend_source)
         log.info("FateZero Controller: %s, %r → %r", fz.edit.kind.value, fz.edit.source.text, fz.edit.target.text)
         return io.NodeOutput(fz)
 

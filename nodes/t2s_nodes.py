@@ -37,6 +37,10 @@ class InflateT2S(io.ComfyNode):
                 io.Boolean.Input("temporal_attention", default=True,
                                  tooltip="Add temporal attention layers (attention over frames at every position), as in "
                                          "Tune-A-Video/Video-P2P. They start as an exact identity and only act after Tune on Video."),
+                io.Int.Input("frame_attention_min_channels", default=0, min=0, max=16384, step=1, optional=True,
+                             tooltip="Transformer blocks narrower than this many channels keep plain per-frame self-attention. "
+                                     "0: frame attention in every block. FateZero uses 640 (SD1.x: its 320-channel blocks at "
+                                     "full latent resolution stay per frame; 1280 in a few of its configs)."),
                 io.Combo.Input("group_norm", options=[m.value for m in NormScope], default=NormScope.VIDEO.value, optional=True,
                                tooltip="video: the ResNet blocks' GroupNorms take their statistics over all frames of the video "
                                        "together, as the 3-D UNet of Tune-A-Video, Video-P2P and FateZero does (what their "
@@ -46,6 +50,8 @@ class InflateT2S(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, frame_attention: str, temporal_attention: bool, group_norm: str = NormScope.VIDEO.value) -> io.NodeOutput:
-        settings = T2SSettings(FrameMode.parse(frame_attention), bool(temporal_attention), NormScope.parse(group_norm))
+    def execute(cls, model, frame_attention: str, temporal_attention: bool, frame_attention_min_channels: int = 0,
+                group_norm: str = NormScope.VIDEO.value) -> io.NodeOutput:
+        settings = T2SSettings(FrameMode.parse(frame_attention), bool(temporal_attention), NormScope.parse(group_norm),
+                               int(frame_attention_min_channels))
         return io.NodeOutput(inflate(model, settings))

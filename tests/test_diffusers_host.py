@@ -155,3 +155,55 @@ def test_long_video_temporal_path_matches_reference():
         fast = bank[key](x, 1, frames)
         ref = bank[key](x, 1, frames, attend=sdpa)
     assert (fast - ref).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_min_channels_keeps_narrow_blocks_plain_through_the_unet(unet):
+    """FateZero's least_sc_channel on a real UNet: every attn1 of a block narrower than the minimum
+    is exactly plain self-attention of its own input; the wider (middle) block keeps frame attention."""
+    from vp2p.attention import sdpa
+    from vp2p.frame_attention import middle_frame
+
+    x, ctx = inputs(chunks=2)
+    seen: dict[LayerKey, tuple[torch.Tensor, torch.Tensor]] = {}
+    modes: dict[LayerKey, FrameMode] = {}
+
+    def capture(key):
+        def hook(module, args, kwargs, output):
+            seen[key] = (args[0] if args else kwargs["hidden_states"], output)
+        return hook
+
+    class Modes(AttentionController):
+        def needs_probabilities(self, call):
+            if call.kind == "attn1":
+                modes[call.key] = call.frame_mode
+            return False
+
+    host = DiffusersT2S(unet, T2SSettings(FrameMode.MIDDLE_FRAME, False, frame_attention_min_channels=64))
+    widths = {k: shape.dim for k, (_, shape) in host.blocks.items()}
+    assert sorted(set(widths.values())) == [32, 64]  # the tiny UNet: 32-wide input/output blocks, a 64-wide middle
+    handles = [unet.get_submodule(path).attn1.register_forward_hook(capture(k), with_kwargs=True)
+               for k, (path, _) in host.blocks.items()]
+    try:
+        with host:
+            narrowed = host(x, 500, ctx, cond_or_uncond=[1, 0], run=RunState(controller=Modes()))
+    finally:
+        for h in handles:
+            h.remove()
+    assert modes == {k: FrameMode.NONE if w < 64 else FrameMode.MIDDLE_FRAME for k, w in widths.items()}
+    for key, (path, _) in host.blocks.items():
+        attn = unet.get_submodule(path).attn1
+        h, out = seen[key]
+        q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+        plain = attn.to_out[1](attn.to_out[0](sdpa(q, k, v, attn.heads)))
+        if widths[key] < 64:
+            assert torch.equal(out, plain), key
+        else:  # frame attention on the middle frame (F − 1) // 2 of each video
+            m = middle_frame(FRAMES)
+            km, vm = (t.reshape(2, FRAMES, *t.shape[1:])[:, m] for t in (k, v))
+            framed = sdpa(q.reshape(2, FRAMES * q.shape[1], q.shape[2]), km, vm, attn.heads).reshape(q.shape)
+            torch.testing.assert_close(out, attn.to_out[1](attn.to_out[0](framed)), atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(out, plain, atol=1e-4), key
+    with DiffusersT2S(unet, T2SSettings(FrameMode.MIDDLE_FRAME, False)) as every:  # the default, 0: every block
+        everywhere = every(x, 500, ctx, cond_or_uncond=[1, 0])
+    assert not torch.allclose(narrowed, everywhere, atol=1e-4)

@@ -24,11 +24,11 @@ from vp2p.attention_store import (
 from vp2p.clip_vocab import find_vocab_source
 from vp2p.control import RunState
 from vp2p.edit import EditInputs, Guidance, fused_edit
-from vp2p.fatezero import FateZeroController, FateZeroEdit
+from vp2p.fatezero import BlendLatent, FateZeroController, FateZeroEdit, FateZeroLatentBlend, latent_blend_steps
 from vp2p.frame_attention import compact_keys, expand_keys, frame_attention_inputs, key_frames
 from vp2p.inversion import ddim_invert, inversion_input
 from vp2p.keys import LayerKey
-from vp2p.local_blend import LocalBlend, LocalBlendSpec
+from vp2p.local_blend import LocalBlendSpec
 from vp2p.schedule import Schedule, sd_alphas_cumprod
 
 pytestmark = pytest.mark.skipif(find_vocab_source() is None, reason="no CLIP vocabulary (pip install --no-deps open_clip_torch)")
@@ -53,10 +53,10 @@ class Host:
     """A tiny middle-frame T2S UNet, a video's DDIM inversion with a store, and the edit's inputs."""
 
     def __init__(self, unet, prompt, mode=FrameMode.MIDDLE_FRAME, fraction=1.0, max_tokens=DEFAULT_MAX_TOKENS, directory=None,
-                 in_memory=True):
+                 in_memory=True, min_channels=0):
         from vp2p.diffusers_host import DiffusersT2S
 
-        self.host = DiffusersT2S(unet, T2SSettings(mode, False)).install()
+        self.host = DiffusersT2S(unet, T2SSettings(mode, False, frame_attention_min_channels=min_channels)).install()
         self.den = self.host.denoiser(sd_alphas_cumprod())
         g = torch.Generator().manual_seed(3)
         self.latents = torch.randn(1, 4, 8, 8, generator=g) + 0.5 * torch.randn(FRAMES, 4, 8, 8, generator=g)
@@ -64,7 +64,7 @@ class Host:
         self.cond = embed(self.src)
         self.empty = 0.1 * torch.randn(1, 77, DIM, generator=g)
         self.sched = Schedule.reference(STEPS)
-        spec = StoreSpec.for_fraction(STEPS, fraction, max_tokens, FRAMES, mode, "test")
+        spec = StoreSpec.for_fraction(STEPS, fraction, max_tokens, FRAMES, mode, "test", min_channels)
         self.store = AttentionStore(spec, directory, in_memory)
         self.calls = 0
         with torch.no_grad():
@@ -126,15 +126,20 @@ def test_store_holds_the_stored_steps_and_layers_in_half_precision(host):
     torch.testing.assert_close(p.float().sum(-1), torch.ones(FRAMES, 8, 64), atol=2e-3, rtol=0)
 
 
-def test_store_bytes_equal_the_formula(host, unet):
+def stored_layers(store):
+    """(tokens per frame N, channels C, heads H) of every layer in a store."""
     layers = []
-    for n in host.store.names(0):
+    for n in store.names(0):
         kind, key, part = parse_entry(n)
         if kind == "attn2":
-            p = host.store.get(0, n)
-            q = host.store.get(0, entry("attn1", key, "q"))
+            p = store.get(0, n)
+            q = store.get(0, entry("attn1", key, "q"))
             layers.append((p.shape[2], q.shape[-1], p.shape[1]))
-    want = store_nbytes(FRAMES, layers, FrameMode.MIDDLE_FRAME, 77, STEPS)
+    return layers
+
+
+def test_store_bytes_equal_the_formula(host, unet):
+    want = store_nbytes(FRAMES, stored_layers(host.store), FrameMode.MIDDLE_FRAME, 77, STEPS)
     assert host.store.nbytes == want
     assert sum(t.numel() * 2 for t in host.store.tensors().values()) == want
 
@@ -236,15 +241,114 @@ def test_identity_fusion_reproduces_the_recorded_call(host, prompt):
     assert same < 1e-2 * edited, (same, edited)
 
 
-def test_latent_blend_keeps_the_inverted_latent_outside_its_mask(host, prompt):
+@pytest.mark.parametrize("level", list(BlendLatent))
+def test_latent_blend_keeps_the_inverted_latent_outside_its_mask(host, prompt, level):
+    """After each blended step the target equals, outside the mask, the inversion's latent at the
+    level the step reached (same_level) or one level noisier (one_level_noisier, FateZero's code)."""
     spec = LocalBlendSpec(tuple(make_edit(prompt).source.positions("cat")), tuple(make_edit(prompt).target.positions("tiger")),
-                          threshold=0.95, start=0.0, end=1.0, average=False)
-    blend = LocalBlend(spec, FRAMES, (8, 8), STEPS)
-    res, _ = host.edit(fz_edit(prompt, cross=0.8, self_=0.8, blend=spec), blend=blend)
-    m = blend.last_mask.expand_as(res.edited)
-    assert 0 < m.sum() < m.numel()
-    scale = torch.sqrt(1 + host.sched.sigmas[-1] ** 2)
-    assert torch.equal(res.edited[~m], (host.traj[-1] / scale)[~m])
+                          threshold=0.95, start=0.0, end=1.0)
+    blend = FateZeroLatentBlend(spec, FRAMES, (8, 8), STEPS, level)
+    assert list(blend.window) == list(range(STEPS - 1))  # FateZero's window: the last step is never blended
+    checked = []
+
+    def after(i, x):
+        if blend.applies(i):
+            m = blend.last_mask.expand_as(x)
+            assert 0 < m.sum() < m.numel()
+            want = host.traj[i + 1 if level is BlendLatent.SAME_LEVEL else i]
+            assert torch.equal(x[~m], want.to(x)[~m]), i
+            checked.append(i)
+
+    fz = fz_edit(prompt, cross=0.8, self_=0.8, blend=spec)
+    fz.blend_latent = level
+    ctl = FateZeroController(fz, host.store, host.sched, (8, 8), blend)
+    with torch.no_grad():
+        fused_edit(host.den, host.inputs, host.traj, fz.edit.target_cond, 7.5, Guidance.DECOUPLED, ctl, blend, on_step=after)
+    assert checked == list(range(STEPS - 1))
+
+
+@pytest.mark.parametrize("steps,start,end,first,last", [(50, 0.2, 0.8, 10, 38), (10, 0.2, 0.8, 2, 6), (4, 0.25, 0.75, 1, 1),
+                                                        (50, 0.0, 1.0, 0, 48)])
+def test_latent_blend_window_is_fatezeros(steps, start, end, first, last, prompt):
+    """FateZero's code blends while start·S < (steps done) < end·S: after steps 10…38 of 50."""
+    spec = LocalBlendSpec((1,), (1,), start=start, end=end)
+    window = latent_blend_steps(spec, steps)
+    assert (window[0], window[-1]) == (first, last) and len(window) == last - first + 1
+    blend = FateZeroLatentBlend(spec, 1, (8, 8), steps)
+    assert [s for s in range(steps) if blend.applies(s)] == list(window)
+    assert [s for s in range(steps) if blend.records(s)] == list(range(last + 1))  # maps from step 0 on
+    assert fz_edit(prompt, cross=0.0, self_=0.0, blend=spec).reads_until(steps) == last + 1
+
+
+def test_latent_blend_mask_unites_the_steps_source_map_with_the_targets_maps_so_far():
+    """Source: the stored map of the current step only; target: its maps summed from step 0 on
+    (also before the window). Blobs on a 4×4 layer of an 8×8 latent make each rule visible."""
+    frames, steps = 1, 6
+    spec = LocalBlendSpec((1,), (2,), threshold=0.5, start=0.5, end=1.0)  # window: steps 3…4
+    blend = FateZeroLatentBlend(spec, frames, (8, 8), steps)
+    key = LayerKey("input", 4, 0)
+
+    def maps(spot, word):
+        """[F, H=2, N=16, T=4] probabilities: ``word`` attends to the 4×4 cell ``spot`` only."""
+        p = torch.full((frames, 2, 16, 4), 0.25)
+        p[..., word] = 0.0
+        if spot is not None:
+            p[:, :, spot[0] * 4 + spot[1], word] = 1.0
+        return p
+
+    src_spots = [(0, 0), (0, 0), (0, 0), (3, 3)]  # the source map moves at step 3
+    tgt_spots = [(0, 3), None, None, None]  # the target attends to a cell at step 0 only
+    for step in range(4):
+        assert blend.records(step)
+        blend.record(key, maps(src_spots[step], 1), maps(tgt_spots[step], 2))
+        blend.end_step()
+    m = blend.mask()[0, 0]  # [8, 8]
+    # 3×3 max-pool then ×2 nearest upsampling: a cell's blob covers the 2×2 latent pixels of its neighbours
+    assert m[6:, 6:].all()  # the source map of step 3
+    assert not m[0:2, 0:2].any()  # not the source map of steps 0–2
+    assert m[0:2, 6:].all()  # the target's map of step 0, before the window, still counts
+    assert not m[3:5, 0:2].any()
+    x_src, x_tgt = torch.zeros(frames, 4, 8, 8), torch.ones(frames, 4, 8, 8)
+    assert torch.equal(blend.blend(2, x_src, x_tgt), x_tgt)  # before the window: untouched
+    out = blend.blend(3, x_src, x_tgt)
+    assert torch.equal(out, torch.where(m, x_tgt, x_src)) and torch.equal(blend.last_mask[0, 0], m)
+
+
+def test_same_level_blend_changes_nothing_on_the_samplers_own_path():
+    """On a trajectory the sampler itself walked (an exact inversion) a blend that keeps the inverted
+    latent everywhere must change nothing: same_level does exactly that; FateZero's one level
+    noisier latent moves the kept video (exact Gaussian denoiser, 50 steps, window 0.2–0.8)."""
+    from tests.analytic import GaussianDenoiser, video
+
+    den = GaussianDenoiser()
+    latents, cond, empty = video(frames=3)
+    sched = Schedule.reference(50)
+    sig = sched.sigmas
+    z_t = torch.randn(latents.shape, generator=torch.Generator().manual_seed(2)) * torch.sqrt(1 + sig[0] ** 2)
+    inputs = EditInputs(z_t, sched, cond, None, empty, 1.0)
+    spec = LocalBlendSpec((0,), (0,))
+    zeros = torch.zeros(3, 1, 16, cond.shape[1])  # no attention on the blend words: an empty mask
+
+    def run(source_latents, blend=None):
+        path = [z_t]
+
+        def denoise(x, sigma, context, cond_or_uncond, run_state):
+            if blend is not None:
+                blend.record(LayerKey("input", 4, 0), zeros, zeros)
+            return den(x, sigma, context)
+
+        res = fused_edit(denoise, inputs, source_latents, cond, 1.0, Guidance.DECOUPLED, None, blend,
+                         on_step=lambda i, x: path.append(x.clone()))
+        return res.edited, torch.stack(path)
+
+    plain, walk = run(torch.zeros(51, *latents.shape))  # the sampler's own walk with the source prompt
+    same, _ = run(walk, FateZeroLatentBlend(spec, 3, (4, 4), 50, BlendLatent.SAME_LEVEL))
+    fatezero = FateZeroLatentBlend(spec, 3, (4, 4), 50, BlendLatent.ONE_LEVEL_NOISIER)
+    noisier, _ = run(walk, fatezero)
+    assert fatezero.last_mask is not None and not fatezero.last_mask.any()  # it did blend, keeping everything
+    assert torch.equal(same, plain)
+    error = float((noisier - plain).norm() / plain.norm())
+    assert error > 1e-2, error  # measured: 3.4e-2 (8.9e-2 at 20 steps, 1.9e-1 at 10)
 
 
 def test_store_on_disk_round_trip_and_step_by_step_reading(unet, prompt, tmp_path):
@@ -295,3 +399,30 @@ def test_other_frame_modes_fuse_from_their_compact_keys(unet, prompt, mode):
         assert torch.isfinite(res.edited).all() and not torch.allclose(res.edited, off.edited, atol=1e-4)
     finally:
         h.close()
+
+
+def test_min_channels_store_keeps_every_frame_in_narrow_blocks(unet, prompt, host):
+    """With FateZero's least_sc_channel the narrow blocks' attn1 is per frame: the store keeps
+    their keys of every frame (the wide middle block: the middle frame's), the formula follows,
+    fusion reads each layer by its own mode, and a model inflated otherwise is refused."""
+    h = Host(unet, prompt, fraction=0.6, min_channels=64)  # the tiny UNet: 32-wide blocks, a 64-wide middle
+    try:
+        spec = h.store.spec
+        assert spec.frame_attention_min_channels == 64 and StoreSpec.from_json(spec.to_json()) == spec
+        assert "frame_attention_min_channels" not in host.store.spec.to_json()  # the default: earlier stores' description
+        narrow = h.store.get(0, entry("attn1", LayerKey("input", 1, 0), "k"))
+        wide = h.store.get(0, entry("attn1", LayerKey("middle", 0, 0), "k"))
+        assert narrow.shape[0] == FRAMES and wide.shape[0] == 1
+        assert h.store.get(0, entry("attn1", LayerKey("input", 1, 0), "q")).shape[0] == FRAMES  # per-frame rows
+        layers = stored_layers(h.store)
+        want = store_nbytes(FRAMES, layers, FrameMode.MIDDLE_FRAME, 77, spec.stored_steps, frame_attention_min_channels=64)
+        assert h.store.nbytes == want > store_nbytes(FRAMES, layers, FrameMode.MIDDLE_FRAME, 77, spec.stored_steps)
+        fz = fz_edit(prompt, cross=0.6, self_=0.6, words=("cat",), threshold=0.9)
+        res, _ = h.edit(fz)
+        off, _ = h.edit(fz_edit(prompt, cross=0.0, self_=0.0))
+        assert torch.isfinite(res.edited).all() and not torch.allclose(res.edited, off.edited, atol=1e-4)
+        store = h.store
+    finally:
+        h.close()
+    with pytest.raises(AttentionStoreError, match="does not fit"):
+        host.edit(fz_edit(prompt, cross=0.6, self_=0.6), store=store)  # frame attention in every block

@@ -145,7 +145,7 @@ def test_fingerprint_sees_every_byte_and_memoises_by_version():
 
 def test_tuned_file_round_trip_and_damage(tmp_path):
     from vp2p import LayerKey
-    from vp2p.tuned_file import TunedFileError, TunedWeights, load_tuned, save_tuned
+    from vp2p.tuned_file import TunedFileError, TunedWeights, check_compatible, load_tuned, save_tuned
 
     key = LayerKey("middle", 0, 0)
     w = TunedWeights(T2SSettings(FrameMode.SPARSE_CAUSAL, True), {("attn1", key): torch.randn(4, 4), ("attn2", key): torch.randn(4, 4)},
@@ -157,6 +157,12 @@ def test_tuned_file_round_trip_and_damage(tmp_path):
         assert torch.equal(back.deltas[k], w.deltas[k])
     assert torch.equal(back.temporal["layers.middle_0_0.to_out.weight"], w.temporal["layers.middle_0_0.to_out.weight"])
     assert not list(tmp_path.glob(".tmp_*"))  # atomic write leaves no temporary file
+    # the minimum frame-attention width is an inflation setting too: kept, and a mismatch refused
+    narrow = TunedWeights(T2SSettings(FrameMode.SPARSE_CAUSAL, True, frame_attention_min_channels=640), dict(w.deltas))
+    back_narrow = load_tuned(save_tuned(tmp_path / "n.safetensors", narrow))
+    assert back_narrow.settings == narrow.settings != w.settings
+    with pytest.raises(TunedFileError, match="frame_attention_min_channels=640"):
+        check_compatible(back_narrow, w.settings, None, {key}, "n.safetensors")
     path.write_bytes(path.read_bytes()[:50])
     with pytest.raises(TunedFileError, match="truncated"):
         load_tuned(path)

@@ -5,7 +5,8 @@ the inverted latent of that step. For the layers fusion uses (≤ ``max_tokens``
 per frame, FateZero's 32²) and the first ``stored_steps`` edit steps, the store keeps, in fp16:
 
 * ``attn1`` (frame/self attention): the source's queries ``q`` and its distinct keys
-  (``compact_keys``: one frame for first/middle-frame attention). Fusion rebuilds the source's
+  (``compact_keys`` of the layer's own frame attention: one frame for first/middle-frame
+  attention, every frame in blocks narrower than ``frame_attention_min_channels``). Fusion rebuilds the source's
   self-attention output as ``SDPA(q_src, k_src, v_edit)`` — never a probability tensor;
 * ``attn2`` (cross attention): the probabilities ``[F, H, N, T]``. Replacement reads them per
   head; the blend masks read the blend words' columns. (Queries would not do: the source's
@@ -68,8 +69,10 @@ class StoreLocation(str, Enum):
 @dataclass(frozen=True)
 class StoreSpec:
     """What a store holds: steps ``0…stored_steps−1`` of a ``steps``-step schedule, layers with
-    ≤ ``max_tokens`` tokens per frame, ``frames`` frames with ``frame_mode`` frame attention,
-    recorded with the source conditioning whose digest is ``cond_digest``."""
+    ≤ ``max_tokens`` tokens per frame, ``frames`` frames with ``frame_mode`` frame attention in
+    the blocks at least ``frame_attention_min_channels`` wide (plain self-attention in narrower
+    ones: their keys are every frame's), recorded with the source conditioning whose digest is
+    ``cond_digest``."""
 
     steps: int
     stored_steps: int
@@ -77,6 +80,7 @@ class StoreSpec:
     frames: int
     frame_mode: str
     cond_digest: str
+    frame_attention_min_channels: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.stored_steps <= self.steps:
@@ -84,15 +88,19 @@ class StoreSpec:
 
     @classmethod
     def for_fraction(cls, steps: int, fraction: float, max_tokens: int, frames: int, frame_mode: FrameMode,
-                     cond_digest: str) -> "StoreSpec":
+                     cond_digest: str, frame_attention_min_channels: int = 0) -> "StoreSpec":
         """Store the first ``fraction`` of the edit's steps (rounded up: what fractions ≤ it read)."""
         if not 0.0 < fraction <= 1.0:
             raise AttentionStoreError(f"store_steps={fraction} is a fraction of the steps; use a number in (0, 1].")
         stored = min(steps, int(-(-fraction * steps // 1)))
-        return cls(steps, stored, int(max_tokens), frames, FrameMode.parse(frame_mode).value, cond_digest)
+        return cls(steps, stored, int(max_tokens), frames, FrameMode.parse(frame_mode).value, cond_digest,
+                   int(frame_attention_min_channels))
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        spec = asdict(self)
+        if not spec["frame_attention_min_channels"]:
+            del spec["frame_attention_min_channels"]  # the default: the description (and cache folder) of earlier stores
+        return json.dumps(spec, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "StoreSpec":
@@ -305,13 +313,17 @@ class StoreRecorder(AttentionController):
 
 
 def store_nbytes(frames: int, layers: list[tuple[int, int, int]], frame_mode: FrameMode, context: int, stored_steps: int,
-                 max_tokens: int = DEFAULT_MAX_TOKENS) -> int:
+                 max_tokens: int = DEFAULT_MAX_TOKENS, frame_attention_min_channels: int = 0) -> int:
     """The store's size in bytes: per stored step and per layer with N ≤ ``max_tokens`` tokens per
     frame (``layers``: (N, channels C, heads H) of every transformer block), fp16 queries F·N·C,
-    keys K·N·C (K = ``key_frames``) and cross probabilities F·H·N·T."""
-    kf = key_frames(frame_mode, frames)
+    keys K·N·C (K = ``key_frames`` of the block's frame attention: ``frame_mode``, or plain
+    self-attention where C < ``frame_attention_min_channels``) and cross probabilities F·H·N·T."""
     size = STORE_DTYPE.itemsize
-    per_step = sum((frames * n * c + kf * n * c + frames * h * n * context) * size for n, c, h in layers if n <= max_tokens)
+
+    def keys(c: int) -> int:
+        return key_frames(frame_mode if c >= frame_attention_min_channels else FrameMode.NONE, frames)
+
+    per_step = sum((frames * n * c + keys(c) * n * c + frames * h * n * context) * size for n, c, h in layers if n <= max_tokens)
     return per_step * stored_steps
 
 

@@ -28,7 +28,8 @@ class AttentionCall:
     """Everything a controller may need to know about one attention evaluation.
 
     ``kind``: ``attn1`` (frame/self attention), ``attn2`` (cross attention with the
-    text) or ``temporal``. ``frame_mode`` says how attn1 rows were regrouped:
+    text) or ``temporal``. ``frame_mode`` is this layer's frame attention (``none`` in a
+    block narrower than ``frame_attention_min_channels``) and says how attn1 rows were regrouped:
     with ``first_frame``/``middle_frame`` the attention batch is ``videos`` and the
     queries of a video's F frames are concatenated (Nq = F·N); otherwise the
     attention batch is ``videos·F`` (attn1/attn2) or ``videos·N`` (temporal, Nq = F).

@@ -107,7 +107,8 @@ class DiffusersT2S:
         if settings.temporal_attention and bank is None:
             bank = TemporalBank({k: s for k, (_, s) in self.blocks.items()}).to(next(unet.parameters()).device)
         self.bank = bank if settings.temporal_attention else None
-        self.patch = patch or AttentionPatch(settings, temporal=self.bank)
+        self.patch = patch or AttentionPatch(settings, temporal=self.bank,
+                                             block_widths={k: shape.dim for k, (_, shape) in self.blocks.items()})
         self.deltas: dict[tuple[str, LayerKey], torch.Tensor] = {}  # tuned to_q = base + delta
         self.video_norm = VideoNorm() if settings.group_norm is NormScope.VIDEO else None
         self._options: dict[str, Any] = {}

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
 import torch
 
@@ -34,6 +34,9 @@ from .errors import SettingsError, parse_option
 from .layout import COND, SOURCE, TARGET, UNCOND, LayoutSpec
 from .local_blend import LocalBlend
 from .schedule import Schedule
+
+if TYPE_CHECKING:
+    from .fatezero import FateZeroLatentBlend
 
 log = logging.getLogger("VideoP2P")
 
@@ -147,15 +150,16 @@ def decoupled_edit(denoise: BranchDenoise, inputs: EditInputs, target_cond: torc
 
 
 def fused_edit(denoise: BranchDenoise, inputs: EditInputs, source_latents: torch.Tensor, target_cond: torch.Tensor, cfg: float,
-               guidance: Guidance, controller: Optional[AttentionController] = None, blend: Optional[LocalBlend] = None,
+               guidance: Guidance, controller: Optional[AttentionController] = None, blend: "Optional[FateZeroLatentBlend]" = None,
                on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
                should_stop: Optional[Callable[[], None]] = None) -> EditResult:
     """FateZero's edit: only the target branch is denoised (uncond + cond, one UNet call per step);
     the controller reads the source from the inversion's attention store.
 
     source_latents [S+1, F, C, h, w]: the inversion's trajectory (σ-space, index i at sigmas[i]):
-    the latent blend resets the target to ``source_latents[i+1]`` outside its mask, and the
-    ``source`` result is the video the inversion started from. The target's negative is the
+    after step i the latent blend resets the target outside its mask to the trajectory's latent at
+    ``blend.source_index(i)`` (i+1: the level reached; i: FateZero's code), and the ``source``
+    result is the video the inversion started from. The target's negative is the
     initial one (``shared_null``: the optimised null embedding of each step, where there is one).
     """
     sched = inputs.schedule
@@ -179,7 +183,7 @@ def fused_edit(denoise: BranchDenoise, inputs: EditInputs, source_latents: torch
         x = d + sig[i + 1] * (x - d) / sig[i]
         if blend is not None:
             blend.end_step()
-            x = blend.blend(i, source_latents[i + 1].to(x), x)
+            x = blend.blend(i, source_latents[blend.source_index(i)].to(x), x)
         if on_step is not None:
             on_step(i, x)
     scale = torch.sqrt(1 + sig[-1] ** 2)

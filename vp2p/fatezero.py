@@ -15,9 +15,12 @@ sigma, recorded in the reverse order. On the conditional target rows, for the st
   nearest upsampling to the layer, per-frame normalisation). Without blend words, M = 0:
   full replacement. Since a probability row sums to one, blending maps equals blending
   outputs row by row;
-* optionally a latent blend between ``start`` and ``end`` of the steps (FateZero: 20–80%):
-  outside the union of the source (stored) and target maps of the blend words the target
-  latent is reset to the inverted latent of that step.
+* optionally a latent blend (``FateZeroLatentBlend``) in FateZero's window (after steps
+  ``int(start·S)`` … ``int(end·S) − 2``: 10…38 of 50 with its 0.2/0.8): outside the union of
+  the blend words' source mask (the stored maps of the step) and target mask (the target's own
+  maps summed over every step so far) the target latent is reset to the inverted latent — at
+  the noise level the step reached (``same_level``, the default), or one level noisier as
+  FateZero's code reads it (``one_level_noisier``).
 
 Temporal attention runs unchanged, as in the reference.
 """
@@ -25,6 +28,7 @@ Temporal attention runs unchanged, as in the reference.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Optional
 
 import torch
@@ -32,13 +36,37 @@ import torch
 from .attention import apply_probabilities, attention_probabilities, sdpa
 from .attention_store import AttentionStore, AttentionStoreError, entry, parse_entry
 from .control import ATTN1, ATTN2, AttentionCall, AttentionController
-from .errors import SettingsError
+from .errors import SettingsError, parse_option
 from .frame_attention import FrameMode, expand_keys
+from .keys import LayerKey
 from .layout import COND, TARGET
-from .local_blend import LocalBlend, blend_factor, grid_of, normalised_maps
+from .local_blend import LocalBlendSpec, blend_factor, grid_of, normalised_maps
 from .p2p import P2PController, P2PEdit
 from .prompt_align import EditKind
 from .schedule import Schedule
+
+
+class BlendLatent(str, Enum):
+    """Which inverted latent the latent blend keeps outside its mask after step i (σ_i → σ_{i+1}).
+
+    ``same_level``: the inversion's latent at σ_{i+1}, the level the target just reached (on a
+    trajectory the sampler itself walked, the blend then changes nothing outside the mask);
+    ``one_level_noisier``: its latent at σ_i, as FateZero's code reads it (for parity with it)."""
+
+    SAME_LEVEL = "same_level"
+    ONE_LEVEL_NOISIER = "one_level_noisier"
+
+    @classmethod
+    def parse(cls, value: "str | BlendLatent") -> "BlendLatent":
+        return parse_option(cls, value, "latent_blend_source", "a latent blend source")
+
+
+def latent_blend_steps(spec: LocalBlendSpec, steps: int) -> range:
+    """The steps after which FateZero's latent blend acts: ``int(start·S) … int(end·S) − 2``.
+
+    FateZero's code counts the steps from 1 and blends while ``start·S < count < end·S`` (both
+    ends excluded): with 50 steps and 0.2/0.8, after steps 10…38 (0-based), 29 steps."""
+    return range(int(spec.start * steps), int(spec.end * steps) - 1)
 
 
 @dataclass
@@ -49,11 +77,12 @@ class FateZeroEdit:
     re-weighting (its ``blend`` is the optional latent blend, with an ``end``);
     ``mask_positions``: source token positions of the blend words whose stored cross-attention
     gives the self-attention mask; ``mask_threshold``: its threshold (0.3; ≥1 keeps no edit
-    attention, 0 keeps all of it)."""
+    attention, 0 keeps all of it); ``blend_latent``: which inverted latent the latent blend keeps."""
 
     edit: P2PEdit
     mask_positions: tuple[int, ...] = ()
     mask_threshold: float = 0.3
+    blend_latent: BlendLatent = BlendLatent.SAME_LEVEL
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.mask_threshold <= 1.0:
@@ -64,15 +93,103 @@ class FateZeroEdit:
         e = self.edit
         alpha = e.cross_alpha(steps)
         cross = int(alpha.any(dim=1).nonzero().max()) + 1 if alpha.any() else 0
-        blend = int(e.blend.end * steps) if e.blend is not None else 0
+        window = latent_blend_steps(e.blend, steps) if e.blend is not None else range(0)
+        blend = window[-1] + 1 if len(window) else 0  # its maps are recorded from step 0 up to the last blended step
         return max(cross, e.self_steps(steps), blend)
+
+
+class FateZeroLatentBlend:
+    """FateZero's latent blend, as its code computes it.
+
+    Maps, per frame, from the cross-attention of the non-middle layers at one resolution
+    (latent/4: the 16² maps at 64² latents), the blend words' tokens summed, heads and layers
+    averaged: the *source* map is the stored inversion map of the current step alone; the
+    *target* map is the target's own (pre-edit) map summed over every step so far, from step 0
+    on (not only inside the window). Each is 3×3 max-pooled, upsampled (nearest) to the latent,
+    divided by its per-frame maximum and thresholded; the mask is their union. After each step
+    of ``latent_blend_steps``: ``x ← where(mask, x, x_inverted)`` with the inverted latent that
+    ``blend_latent`` names. ``spec.average`` is not used (FateZero's rule is fixed).
+    """
+
+    def __init__(self, spec: LocalBlendSpec, frames: int, latent_hw: tuple[int, int], steps: int,
+                 blend_latent: BlendLatent = BlendLatent.SAME_LEVEL) -> None:
+        self.spec = spec
+        self.frames = frames
+        self.latent_hw = latent_hw
+        self.steps = steps
+        self.blend_latent = BlendLatent.parse(blend_latent)
+        self.window = latent_blend_steps(spec, steps)
+        self.factor: Optional[int] = None  # the maps' resolution, chosen after the first step
+        self._current: dict[int, list[torch.Tensor]] = {}  # factor -> per-layer maps [2, F, h, w] of this step
+        self._source: Optional[torch.Tensor] = None  # [F, h, w]: this step's source map
+        self._target_sum: Optional[torch.Tensor] = None  # [F, h, w]: target maps summed over the steps so far
+        self.last_mask: Optional[torch.Tensor] = None  # [F, 1, H, W] bool, for tests and previews
+
+    def records(self, step: int) -> bool:
+        """Whether the maps of ``step`` are recorded: every step up to the last blended one."""
+        return len(self.window) > 0 and step <= self.window[-1]
+
+    def applies(self, step: int) -> bool:
+        return step in self.window
+
+    def wants(self, key: LayerKey, tokens: int) -> bool:
+        """Whether this cross-attention layer's maps are recorded."""
+        if key.block == "middle":
+            return False
+        g = grid_of(tokens, self.latent_hw)
+        return g is not None and (self.factor is None or g[0] == self.factor)
+
+    def record(self, key: LayerKey, p_source: torch.Tensor, p_target: torch.Tensor) -> None:
+        """p_*: [F, H, N, T] fp32: the stored source maps of the step and the target's own maps."""
+        g = grid_of(p_source.shape[2], self.latent_hw)
+        if g is None:
+            return
+        factor, h, w = g
+        maps = [p[..., list(pos)].sum(-1).mean(1).reshape(self.frames, h, w)
+                for p, pos in ((p_source, self.spec.source_positions), (p_target, self.spec.target_positions))]
+        self._current.setdefault(factor, []).append(torch.stack(maps))
+
+    def end_step(self) -> None:
+        """Close a step's recording: this step's source map, the target's running sum."""
+        if not self._current:
+            return
+        if self.factor is None:
+            self.factor = blend_factor(list(self._current))
+        layer_maps = self._current.get(self.factor, [])
+        self._current = {}
+        if not layer_maps:
+            return
+        source, target = torch.stack(layer_maps).mean(0)
+        self._source = source
+        self._target_sum = target if self._target_sum is None else self._target_sum + target
+
+    def mask(self) -> Optional[torch.Tensor]:
+        """[F, 1, H, W] bool: the union of the thresholded source and target masks (None before any map)."""
+        if self._source is None or self._target_sum is None:
+            return None
+        maps = normalised_maps(torch.stack([self._source, self._target_sum]), self.latent_hw)  # [2, F, H, W]
+        return (maps > self.spec.threshold).any(0).unsqueeze(1)
+
+    def source_index(self, step: int) -> int:
+        """The index into the inversion's trajectory (index i at σ_i) of the latent kept after ``step``."""
+        return step + 1 if self.blend_latent is BlendLatent.SAME_LEVEL else step
+
+    def blend(self, step: int, x_source: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor:
+        """x_*: [F, C, h, w]; x_source is the trajectory's latent at ``source_index(step)``."""
+        if not self.applies(step):
+            return x_target
+        m = self.mask()
+        if m is None:
+            return x_target
+        self.last_mask = m
+        return torch.where(m.to(x_target.device), x_target, x_source)
 
 
 class FateZeroController(AttentionController):
     """Runs a ``FateZeroEdit`` from a store during one target-only sampling run."""
 
     def __init__(self, fz: FateZeroEdit, store: AttentionStore, schedule: Schedule, latent_hw: tuple[int, int],
-                 blend: Optional[LocalBlend] = None) -> None:
+                 blend: Optional[FateZeroLatentBlend] = None) -> None:
         check_store_covers(fz, store, schedule)
         self.fz = fz
         self.store = store
@@ -111,7 +228,7 @@ class FateZeroController(AttentionController):
     def _cross(self, call: AttentionCall, step: int, tokens: int, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> Optional[torch.Tensor]:
         cross = bool(self.alpha[step].any())
-        record = self.blend is not None and self.blend.applies(step) and self.blend.wants(call.key, tokens)
+        record = self.blend is not None and self.blend.records(step) and self.blend.wants(call.key, tokens)
         if not cross and not record:
             return None
         p_src = self.store.get(step, entry(ATTN2, call.key, "p")).to(q.device, torch.float32)
@@ -137,8 +254,15 @@ class FateZeroController(AttentionController):
         mask = self.self_mask(step, tokens) if self.fz.mask_positions else None  # [F, N] True: the edit's own
         if mask is not None and bool(mask.all()):
             return None  # the edit keeps all of its own attention
+        # The layer's own frame attention (the store's mode, or none in a block narrower than
+        # frame_attention_min_channels) regrouped its keys when they were recorded.
+        if call.frame_mode not in (self.frame_mode, FrameMode.NONE):
+            raise AttentionStoreError(
+                f"The attention store was recorded with {self.frame_mode.value} frame attention, but layer {call.key} of this "
+                f"MODEL uses {call.frame_mode.value}. Edit with the MODEL the video was inverted with, or invert again."
+            )
         q_src = self.store.get(step, entry(ATTN1, call.key, "q")).to(q)
-        k_src = expand_keys(self.store.get(step, entry(ATTN1, call.key, "k")).to(k), self.frame_mode, call.layout.frames)
+        k_src = expand_keys(self.store.get(step, entry(ATTN1, call.key, "k")).to(k), call.frame_mode, call.layout.frames)
         if q_src.shape != q.shape or k_src.shape != k.shape:
             raise AttentionStoreError(
                 f"The stored self-attention of layer {call.key} does not fit this edit (queries {list(q_src.shape)} vs "

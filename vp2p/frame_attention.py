@@ -6,7 +6,7 @@ video instead of (only) its own:
 * ``first_frame``  (Video-P2P): frame 0;
 * ``sparse_causal`` (Tune-A-Video): frame 0 and the previous frame (frame 0 uses
   frame 0 twice, which gives exactly its own self-attention);
-* ``middle_frame`` (FateZero): frame ``F // 2``;
+* ``middle_frame`` (FateZero): frame ``(F − 1) // 2`` (frame 3 of 8, as FateZero's code picks it);
 * ``none``: plain per-frame self-attention (the image model).
 
 With one frame every mode is plain self-attention. For the single-source modes the
@@ -38,12 +38,18 @@ class FrameMode(str, Enum):
         return parse_option(cls, value, "frame_attention", "a frame attention mode")
 
 
+def middle_frame(frames: int) -> int:
+    """The frame ``middle_frame`` attention reads: ``(F − 1) // 2``, the lower middle for an even
+    count (frame 3 of 8), which is the frame FateZero's code attends to."""
+    return (frames - 1) // 2
+
+
 def source_frames(mode: FrameMode, frames: int) -> list[list[int]]:
     """For each frame, the frames whose keys/values it attends to (the definition, for docs and tests)."""
     if mode is FrameMode.FIRST_FRAME:
         return [[0] for _ in range(frames)]
     if mode is FrameMode.MIDDLE_FRAME:
-        return [[frames // 2] for _ in range(frames)]
+        return [[middle_frame(frames)] for _ in range(frames)]
     if mode is FrameMode.SPARSE_CAUSAL:
         return [[0, max(i - 1, 0)] for i in range(frames)]
     return [[i] for i in range(frames)]
@@ -79,7 +85,7 @@ def frame_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vi
     kf = rearrange(k, "(v f) n c -> v f n c", v=videos, f=frames)
     vf = rearrange(v, "(v f) n c -> v f n c", v=videos, f=frames)
     if mode in (FrameMode.FIRST_FRAME, FrameMode.MIDDLE_FRAME):
-        src = 0 if mode is FrameMode.FIRST_FRAME else frames // 2
+        src = 0 if mode is FrameMode.FIRST_FRAME else middle_frame(frames)
         qg = rearrange(q, "(v f) n c -> v (f n) c", v=videos, f=frames)
         return FrameAttentionInputs(qg, kf[:, src], vf[:, src], rows, tokens, True)
     # sparse_causal: keys of frame 0 then of the previous frame, per frame.

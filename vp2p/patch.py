@@ -7,7 +7,8 @@ signature) and ``temporal_block`` with a transformer block's output. It
 
 1. identifies the layer from ``extra_options`` (``LayerKey``) and the rows from an
    explicit ``BatchLayout`` (``cond_or_uncond`` × branches × frames);
-2. applies frame attention to ``attn1`` (T2S);
+2. applies frame attention to ``attn1`` (T2S; per block: blocks narrower than
+   ``frame_attention_min_channels`` keep per-frame self-attention);
 3. lets the run's controller override or edit the attention;
 4. otherwise runs the fast path: a replace function that another node installed
    earlier on the key (chained, never dropped), or the host's SDPA kernel.
@@ -23,6 +24,7 @@ import torch
 
 from .attention import AttentionFn, apply_probabilities, attention_probabilities, sdpa
 from .control import ATTN1, ATTN2, RUN_STATE_KEY, TEMPORAL, AttentionCall, AttentionController, RunState
+from .errors import RegistrationError, SettingsError
 from .frame_attention import FrameAttentionInputs, FrameMode, frame_attention_inputs, per_row_keys
 from .keys import LayerKey
 from .layout import BatchLayout
@@ -40,15 +42,31 @@ class T2SSettings:
     """How the image model is inflated to a text-to-set model.
 
     ``group_norm``: ``video`` pools the ResNet GroupNorms' statistics over each video's frames, as
-    the references' 3-D UNet does (``vp2p.video_norm``); ``frame`` keeps the image model's."""
+    the references' 3-D UNet does (``vp2p.video_norm``); ``frame`` keeps the image model's.
+    ``frame_attention_min_channels``: blocks narrower than this keep plain per-frame
+    self-attention (FateZero's ``least_sc_channel``: 640 in most of its configs, which leaves
+    SD1.x's 320-channel blocks alone); 0 gives every block frame attention."""
 
     frame_attention: FrameMode = FrameMode.FIRST_FRAME
     temporal_attention: bool = True
     group_norm: NormScope = NormScope.VIDEO
+    frame_attention_min_channels: int = 0
+
+    def __post_init__(self) -> None:
+        if self.frame_attention_min_channels < 0:
+            raise SettingsError(f"frame_attention_min_channels={self.frame_attention_min_channels} must be ≥ 0 "
+                                "(0: frame attention in every block; FateZero: 640).")
+
+    def frame_mode_for(self, width: int) -> FrameMode:
+        """The frame attention of a transformer block ``width`` channels wide."""
+        return self.frame_attention if width >= self.frame_attention_min_channels else FrameMode.NONE
 
     def describe(self) -> str:
-        return (f"frame_attention={self.frame_attention.value}, temporal_attention={self.temporal_attention}, "
+        text = (f"frame_attention={self.frame_attention.value}, temporal_attention={self.temporal_attention}, "
                 f"group_norm={self.group_norm.value}")
+        if self.frame_attention_min_channels:
+            text += f", frame_attention_min_channels={self.frame_attention_min_channels}"
+        return text
 
 
 class AttentionPatch:
@@ -60,11 +78,31 @@ class AttentionPatch:
         attention_fn: AttentionFn = sdpa,
         previous: Optional[Mapping[tuple[str, LayerKey], ReplaceFn]] = None,
         temporal: Optional[TemporalBank] = None,
+        block_widths: Optional[Mapping[LayerKey, int]] = None,
     ) -> None:
+        """``block_widths``: each transformer block's channels (``BlockShape.dim``), which the host
+        knows; needed when ``settings.frame_attention_min_channels`` is set."""
         self.settings = settings
         self.attention_fn = attention_fn
         self.previous: dict[tuple[str, LayerKey], ReplaceFn] = dict(previous or {})
         self.temporal = temporal
+        if settings.frame_attention_min_channels and block_widths is None:
+            raise SettingsError("frame_attention_min_channels needs the width of every transformer block; the host must pass "
+                                "block_widths to AttentionPatch.")
+        # Per-layer frame attention, decided once at install time (None: the same in every block).
+        self.frame_modes: Optional[dict[LayerKey, FrameMode]] = (
+            {k: settings.frame_mode_for(w) for k, w in block_widths.items()}
+            if settings.frame_attention_min_channels and block_widths is not None else None)
+
+    def frame_mode(self, key: LayerKey) -> FrameMode:
+        """The frame attention of the block ``key`` (``none`` where it is narrower than the minimum)."""
+        if self.frame_modes is None:
+            return self.settings.frame_attention
+        mode = self.frame_modes.get(key)
+        if mode is None:
+            raise RegistrationError(f"The attention patch was called for {key}, which is not among the {len(self.frame_modes)} "
+                                    "transformer blocks it was installed on. Inflate the MODEL again.")
+        return mode
 
     # -- entry points -----------------------------------------------------------------
     def attn1(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
@@ -86,7 +124,7 @@ class AttentionPatch:
             return self.temporal[key](x, layout.videos, layout.frames)
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-            call = AttentionCall(TEMPORAL, key, heads, layout, self.settings.frame_attention, extra_options)
+            call = AttentionCall(TEMPORAL, key, heads, layout, self.frame_mode(key), extra_options)
             return self._attend(call, controller, q, k, v, extra_options, None)
 
         return self.temporal[key](x, layout.videos, layout.frames, attend)
@@ -102,7 +140,7 @@ class AttentionPatch:
         heads = int(extra_options["n_heads"])
         run = self._run(extra_options)
         layout = BatchLayout.resolve(q.shape[0], extra_options.get("cond_or_uncond"), run.layout)
-        mode = self.settings.frame_attention if kind == ATTN1 else FrameMode.NONE
+        mode = self.frame_mode(key) if kind == ATTN1 else FrameMode.NONE
         inputs = frame_attention_inputs(q, k, v, layout.videos, layout.frames, mode)
         call = AttentionCall(kind, key, heads, layout, mode if layout.frames > 1 else FrameMode.NONE, extra_options)
         return self._attend(call, run.controller, inputs.q, inputs.k, inputs.v, extra_options, inputs)

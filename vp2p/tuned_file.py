@@ -49,16 +49,19 @@ def save_tuned(path: Path, weights: TunedWeights) -> Path:
     """Write ``weights`` atomically to ``path`` (a .safetensors file)."""
     meta = dict(weights.metadata)
     meta.update(format=FORMAT, frame_attention=weights.settings.frame_attention.value,
-                temporal_attention=json.dumps(weights.settings.temporal_attention), group_norm=weights.settings.group_norm.value)
+                temporal_attention=json.dumps(weights.settings.temporal_attention), group_norm=weights.settings.group_norm.value,
+                frame_attention_min_channels=str(weights.settings.frame_attention_min_channels))
     return write_atomic(path, weights.tensors(), meta)
 
 
 def load_tuned(path: Path) -> TunedWeights:
     """Read a tuned-weights file; raises ``TunedFileError`` with what is wrong."""
     tensors, meta = read_checked(path, FORMAT, "Tune on Video", TunedFileError)
-    # Files written before group_norm existed were tuned with per-frame GroupNorm statistics.
+    # Files written before group_norm existed were tuned with per-frame GroupNorm statistics; before
+    # frame_attention_min_channels existed, with frame attention in every block.
     settings = T2SSettings(FrameMode.parse(meta["frame_attention"]), bool(json.loads(meta["temporal_attention"])),
-                           NormScope.parse(meta.get("group_norm", NormScope.FRAME.value)))
+                           NormScope.parse(meta.get("group_norm", NormScope.FRAME.value)),
+                           int(meta.get("frame_attention_min_channels", "0")))
     deltas: dict[tuple[str, LayerKey], torch.Tensor] = {}
     temporal: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():

@@ -180,3 +180,20 @@ def test_attention_maps_show_a_fatezero_controls_blend_words(pack, zero_shot, cl
     assert src.shape == (FRAMES, 64, 64, 3) and tgt.shape == src.shape and mask.shape == (FRAMES, 64, 64)
     assert set(mask.unique().tolist()) <= {0.0, 1.0} and float(mask.mean()) > 0
     assert float(src[..., 0].std()) > 0  # the source word's map is not flat
+
+
+def test_latent_blend_source_switches_the_inverted_latent_it_keeps(pack, zero_shot, clip):
+    """same_level (default) keeps the inverted latent of the level the step reached, one_level_noisier the
+    one FateZero's code reads; both run through the sampler and give different edits."""
+    _, model, _, inv = zero_shot
+    args = dict(blend_words="jeep", blend_threshold=0.95, latent_blend=True, latent_blend_target_words="red",
+                latent_blend_start=0.25, latent_blend_end=0.75)  # 4 steps: blends after step 1
+    same = fatezero(pack, clip, **args)
+    noisier = fatezero(pack, clip, latent_blend_source="one_level_noisier", **args)
+    assert same.blend_latent.value == "same_level" and noisier.blend_latent.value == "one_level_noisier"
+    a, _ = sample(pack, model, inv, same)
+    b, _ = sample(pack, model, inv, noisier)
+    assert torch.isfinite(a["samples"]).all() and torch.isfinite(b["samples"]).all()
+    assert not torch.allclose(a["samples"], b["samples"], atol=1e-4)
+    with pytest.raises(ValueError, match="latent_blend_source"):
+        fatezero(pack, clip, latent_blend_source="later", **args)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.helpers import randomise_temporal
-from tests.host.comfy_env import comfy_eps
+from tests.host.comfy_env import comfy_eps, host_module
 
 FRAMES = 4
 
@@ -35,13 +35,15 @@ def test_pack_loads_through_comfy_loader_with_tooltips(pack):
     schema = nodes.NODE_CLASS_MAPPINGS["VP2P_InflateT2S"].GET_SCHEMA()
     assert schema.category.startswith("video_p2p")
     names = [i.id for i in schema.inputs]
-    assert names[:3] == ["model", "frame_attention", "temporal_attention"] and "group_norm" in names
+    assert names == ["model", "frame_attention", "temporal_attention", "frame_attention_min_channels", "group_norm"]
     for i in schema.inputs:
         assert i.tooltip, f"input {i.id} has no tooltip"
     info = nodes.NODE_CLASS_MAPPINGS["VP2P_InflateT2S"].INPUT_TYPES()
     combo = info["required"]["frame_attention"]
     assert combo[0] == "COMBO" and combo[1]["options"] == ["first_frame", "sparse_causal", "middle_frame", "none"]
     assert combo[1]["default"] == "first_frame" and combo[1]["tooltip"]
+    width = info["optional"]["frame_attention_min_channels"]
+    assert width[0] == "INT" and width[1]["default"] == 0 and "640" in width[1]["tooltip"]
 
 
 def test_every_sd15_key_fires_for_attn1_and_attn2(pack, full_sd15):
@@ -223,3 +225,39 @@ def test_non_sd_model_gets_a_clear_error(pack, comfy_path):
     patcher = comfy.model_patcher.ModelPatcher(NotAUNet(), torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(ValueError, match="no SD-style spatial transformer blocks"):
         inflate(pack, patcher)
+
+
+def test_min_channels_keeps_narrow_blocks_per_frame_on_both_hosts(pack, small_models):
+    """FateZero's least_sc_channel: with 640 the 320-channel blocks of the 2-level SD1.5 UNet keep
+    plain self-attention, the 640-channel middle block frame attention; the same numbers as the
+    diffusers host; another MODEL fingerprint than the default (caches keep them apart)."""
+    from vp2p import FrameMode, T2SSettings
+    from vp2p.diffusers_host import DiffusersT2S
+
+    vp2p = pack.vp2p
+    unet, model = small_models
+    modes = {}
+
+    class Modes(vp2p.AttentionController):
+        def needs_probabilities(self, call):
+            if call.kind == "attn1":
+                modes[(call.key.block, call.key.id)] = call.frame_mode.value
+            return False
+
+    narrowed = inflate(pack, model, "middle_frame", False, frame_attention_min_channels=640)
+    every = inflate(pack, model, "middle_frame", False)
+    plain = inflate(pack, model, "none", False)
+    x, ctx = batch(chunks=2)
+    out = comfy_eps(narrowed, x, 500, ctx, [1, 0], extra={vp2p.RUN_STATE_KEY: vp2p.RunState(controller=Modes())})
+    assert modes == {("input", 1): "none", ("input", 2): "none", ("middle", 0): "middle_frame",
+                     ("output", 3): "none", ("output", 4): "none", ("output", 5): "none"}
+    with DiffusersT2S(unet, T2SSettings(FrameMode.MIDDLE_FRAME, False, frame_attention_min_channels=640)) as host:
+        with torch.no_grad():
+            d_out = host(x, 500, ctx, cond_or_uncond=[1, 0])
+    assert (d_out - out).abs().max() <= 1e-4
+    for other in (every, plain):
+        assert (comfy_eps(other, x, 500, ctx, [1, 0]) - out).abs().max() > 1e-3
+    facts = host_module(pack, "model_facts")
+    assert facts.model_fingerprint(narrowed) != facts.model_fingerprint(every)
+    state = narrowed.get_attachment("vp2p_t2s")
+    assert state.settings.frame_attention_min_channels == 640 and "640" in state.settings.describe()
