@@ -7,6 +7,7 @@ import torch
 
 from tests.helpers import randomise_temporal
 from vp2p import AttentionController, FrameMode, RunState, T2SSettings
+from vp2p.video_norm import NormScope
 from vp2p.diffusers_host import DiffusersT2S
 from vp2p.keys import LayerKey
 
@@ -34,7 +35,7 @@ class Recorder(AttentionController):
 def test_plain_settings_reproduce_the_unet(unet):
     x, ctx = inputs()
     base = unet(x, 500, encoder_hidden_states=ctx).sample
-    with DiffusersT2S(unet, T2SSettings(FrameMode.NONE, False)) as host:
+    with DiffusersT2S(unet, T2SSettings(FrameMode.NONE, False, NormScope.FRAME)) as host:  # the image model
         got = host(x, 500, ctx)
     assert (got - base).abs().max() <= 1e-5
     # removal restores the original processors
@@ -77,8 +78,9 @@ def test_temporal_at_init_is_exactly_identity(unet):
 
 @torch.no_grad()
 def test_first_frame_output_of_frame0_ignores_other_frames(unet):
+    """The frame-attention property, with video-level GroupNorm off (its statistics mix every frame)."""
     x, ctx = inputs()
-    with DiffusersT2S(unet, T2SSettings(FrameMode.FIRST_FRAME, True)) as host:
+    with DiffusersT2S(unet, T2SSettings(FrameMode.FIRST_FRAME, True, NormScope.FRAME)) as host:
         a = host(x, 500, ctx)
         x2 = x.clone()
         x2[1:] = torch.randn_like(x2[1:])
