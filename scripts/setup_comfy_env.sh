@@ -30,11 +30,15 @@ else
   echo "== ComfyUI test environment: installing into $COMFY_VENV ($COMFY_TORCH, $COMFY_TORCHVISION, ComfyUI's requirements," \
        "$COMFY_TEST_REQS; several GB, a few minutes)"
   [ -x "$COMFY_VENV/bin/python" ] || python3 -m venv "$COMFY_VENV"
-  _pip=("$COMFY_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --progress-bar off)
-  "${_pip[@]}" "$COMFY_TORCH" "$COMFY_TORCHVISION"
-  "${_pip[@]}" -r "$_comfy_reqs" "$COMFY_TORCH"
+  # pip's notes about index folders that do not exist on this machine are dropped; everything else shows.
+  _pip() {
+    "$COMFY_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --progress-bar off "$@" \
+      2> >(grep -v "^WARNING: Location 'file://.*' is ignored" >&2)
+  }
+  _pip "$COMFY_TORCH" "$COMFY_TORCHVISION"
+  _pip -r "$_comfy_reqs" "$COMFY_TORCH"
   # shellcheck disable=SC2086  # a list of package names
-  "${_pip[@]}" $COMFY_TEST_REQS "$COMFY_TORCH"
-  "${_pip[@]}" --no-deps open_clip_torch
+  _pip $COMFY_TEST_REQS "$COMFY_TORCH"
+  _pip --no-deps open_clip_torch
   echo "$_comfy_stamp" > "$COMFY_VENV/.vp2p-stamp"
 fi
