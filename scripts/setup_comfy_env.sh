@@ -6,7 +6,7 @@
 #
 # Installs torch==2.14.1 + torchvision==0.29.1 first, then ComfyUI's requirements.txt without its
 # torch/torchvision/torchaudio lines (torch==2.14.1 passed alongside so nothing upgrades it; torchaudio is
-# left out: ComfyUI needs it only for its audio nodes), then what the host tests need (pytest, diffusers,
+# left out: ComfyUI needs it only for its audio nodes), then what the host tests need (pytest, pytest-xdist, diffusers,
 # playwright — the python driver only, never `playwright install`) and open_clip_torch without its
 # dependencies (only its CLIP vocabulary file is read). ~6-7 GB, a few minutes from a local package index.
 # A stamp file records what was installed: an unchanged environment is reused without calling pip.
@@ -15,7 +15,7 @@ COMFY_SRC="$1"
 COMFY_VENV="${2:-.venv-comfy}"
 COMFY_TORCH="torch==2.14.1"
 COMFY_TORCHVISION="torchvision==0.29.1"
-COMFY_TEST_REQS="pytest diffusers playwright"
+COMFY_TEST_REQS="pytest pytest-xdist diffusers playwright"
 
 _comfy_reqs="$(mktemp)"
 trap 'rm -f "$_comfy_reqs"' EXIT

@@ -17,6 +17,8 @@
 #   VP2P_SKIP_FRONTEND=1  skip the frontend tests (headless Chromium) inside the host group
 #   COMFY_PYTHON=…        use this Python (with ComfyUI's requirements, pytest, diffusers, playwright)
 #                         for the host group instead of making .venv-comfy
+#   VP2P_TEST_WORKERS=N   pytest-xdist workers per group (default: the number of cores, at most 4); 1 runs
+#                         plain pytest (needed for --pdb); torch gets cores/N threads in each
 #   CI=true               a skipped ComfyUI host group or skipped frontend tests fail the run, unless
 #                         skipped on purpose with the variables above
 # Arguments go to pytest. Test paths choose the groups: paths under tests/host/ go to the ComfyUI run,
@@ -54,6 +56,25 @@ else
   RUN_CORE=$(( ${#CORE_PATHS[@]} > 0 )); RUN_HOST=$(( ${#HOST_PATHS[@]} > 0 ))
 fi
 
+# -- parallel workers: whole test files spread over pytest-xdist workers, each with its share of the cores ------
+# (small random models: torch's own threads help little, and oversubscribed threads cost more than they give;
+# a worker with a host test file holds up to ~7 GB, so at most 4 by default)
+CORES="$(nproc 2>/dev/null || echo 1)"
+WORKERS="${VP2P_TEST_WORKERS:-$(( CORES < 4 ? CORES : 4 ))}"
+[ "$WORKERS" -ge 1 ] 2>/dev/null || WORKERS=1
+THREADS=$(( CORES / WORKERS > 0 ? CORES / WORKERS : 1 ))
+xdist_args() {  # $1: the python; prints nothing (plain pytest) for one worker or without pytest-xdist
+  if [ "$WORKERS" -gt 1 ] && "$1" -c "import xdist" 2>/dev/null; then
+    echo "-n $WORKERS --dist loadfile --no-loadscope-reorder"
+  fi
+}
+run_pytest() {  # $1: the python, the rest: pytest arguments
+  local py="$1"; shift
+  # shellcheck disable=SC2046  # xdist_args is a list of options
+  OMP_NUM_THREADS="${OMP_NUM_THREADS:-$THREADS}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-$THREADS}" \
+    "$py" -m pytest $(xdist_args "$py") "$@"
+}
+
 RESULTS="$(mktemp -d "${TMPDIR:-/tmp}/vp2p-test-results.XXXXXX")"
 SCRATCH=""
 cleanup() { rm -rf "$RESULTS"; [ -z "$SCRATCH" ] || rm -rf "$SCRATCH"; }
@@ -68,9 +89,9 @@ source scripts/setup_venv.sh
 phase_done "core environment (.venv)" "$t"
 if [ "$RUN_CORE" = 1 ]; then
   t=$SECONDS
-  echo "== core + diffusers host tests (.venv)"
+  echo "== core + diffusers host tests (.venv; $WORKERS worker(s) × $THREADS thread(s))"
   set +e
-  VP2P_SUMMARY_JSON="$RESULTS/core.json" "$PY" -m pytest --ignore=tests/host "${OPTS[@]}" "${CORE_PATHS[@]}"
+  VP2P_SUMMARY_JSON="$RESULTS/core.json" run_pytest "$PY" --ignore=tests/host "${OPTS[@]}" "${CORE_PATHS[@]}"
   rc=$?
   set -e
   SUMMARY_ARGS+=(--run "core,diffusers host=$rc:$RESULTS/core.json")
@@ -149,11 +170,11 @@ else
       copy_comfy "$COMFY_SRC" "$SCRATCH/ComfyUI"
       phase_done "chromium + ComfyUI scratch copy" "$t"
       t=$SECONDS
-      echo "== ComfyUI host tests ($COMFY_PY; ComfyUI $(sed -n 's/^__version__ = //p' "$SCRATCH/ComfyUI/comfyui_version.py" | tr -d "\"'")" \
+      echo "== ComfyUI host tests ($COMFY_PY, $WORKERS worker(s) × $THREADS thread(s); ComfyUI $(sed -n 's/^__version__ = //p' "$SCRATCH/ComfyUI/comfyui_version.py" | tr -d "\"'")" \
            "from $COMFY_SRC, copied to $SCRATCH/ComfyUI)"
       set +e
       COMFYUI_PATH="$SCRATCH/ComfyUI" VP2P_SUMMARY_JSON="$RESULTS/host.json" \
-        "$COMFY_PY" -m pytest "${OPTS[@]}" "${HOST_PATHS[@]}"
+        run_pytest "$COMFY_PY" "${OPTS[@]}" "${HOST_PATHS[@]}"
       rc=$?
       set -e
       SUMMARY_ARGS+=(--run "ComfyUI host=$rc:$RESULTS/host.json")

@@ -55,5 +55,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         if out and not (c["passed"] + c["failed"] + c["skipped"]):
             continue
         terminalreporter.write_line(group_line(g, c))
-    if out:
+    if out and not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller has every worker's reports
         Path(out).write_text(json.dumps({"exitstatus": int(exitstatus), "groups": counts}, indent=1), encoding="utf-8")

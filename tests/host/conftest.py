@@ -26,7 +26,19 @@ def _why_not_run():
     return None
 
 
+# The slowest host test files (measured on 2 CPU cores: the example workflows in a server, the null-text
+# inversions), run first: scripts/test.sh spreads whole files over pytest-xdist workers in collection order
+# (--dist loadfile --no-loadscope-reorder), so a slow file started last would leave one worker alone at the end.
+SLOW_FIRST = ("test_workflows.py", "test_comfy_invert.py", "test_comfy_fatezero.py")
+
+
+def _slow_first(item) -> int:
+    name = item.path.name
+    return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_slow_first)  # stable: the order within and among the other files is kept
     why = _why_not_run()
     for item in items:
         if "tests/host/" in str(item.fspath).replace("\\", "/"):
