@@ -4,8 +4,12 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 PY=.venv/bin/python
+# pip's notes about package-index folders that do not exist on this machine are dropped; all else shows.
+_venv_pip() {
+  "$PY" -m pip install --quiet --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location 'file://.*' is ignored" >&2)
+}
 # torch==2.13.0 exactly: a CPU build; a looser pin would pull a multi-GB CUDA build.
-"$PY" -m pip install --quiet --disable-pip-version-check torch==2.13.0
-"$PY" -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+_venv_pip torch==2.13.0
+_venv_pip -r requirements-test.txt
 # Only the CLIP BPE vocabulary file of this wheel is used (read without importing it).
-"$PY" -m pip install --quiet --disable-pip-version-check --no-deps open_clip_torch
+_venv_pip --no-deps open_clip_torch

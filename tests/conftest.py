@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.group_summary import GROUPS, SUMMARY_JSON_ENV, count_reports, group_line  # noqa: E402
 from tests.helpers import tiny_unet  # noqa: E402
 
 
@@ -37,32 +40,20 @@ def _deterministic():
     yield
 
 
-GROUPS = {
-    "core": lambda p: "/tests/host/" not in p and not p.endswith("test_diffusers_host.py"),
-    "diffusers host": lambda p: p.endswith("test_diffusers_host.py"),
-    "ComfyUI host": lambda p: "/tests/host/" in p,
-}
-
-
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """One line per test group: ran (with counts) or skipped (with the reason)."""
-    counts = {g: {"passed": 0, "failed": 0, "skipped": 0} for g in GROUPS}
-    reasons: dict[str, set[str]] = {g: set() for g in GROUPS}
-    for outcome in ("passed", "failed", "error", "skipped"):
-        for rep in terminalreporter.stats.get(outcome, []):
-            path = "/" + str(getattr(rep, "nodeid", "")).split("::")[0].replace("\\", "/")
-            for g, match in GROUPS.items():
-                if match(path):
-                    key = "failed" if outcome == "error" else outcome
-                    counts[g][key] += 1
-                    if outcome == "skipped" and isinstance(rep.longrepr, tuple):
-                        reasons[g].add(str(rep.longrepr[2]).removeprefix("Skipped: "))
+    """One line per test group: ran (with counts) or skipped (with the reason).
+
+    Under ``scripts/test.sh`` (``VP2P_SUMMARY_JSON`` set) the counts are also written to that file, the
+    groups this run did not collect are left out here, and the script prints the final summary of
+    both environments (``tests/group_summary.py``).
+    """
+    counts = count_reports(terminalreporter.stats)
+    out = os.environ.get(SUMMARY_JSON_ENV)
     terminalreporter.write_sep("-", "test groups")
-    for g, c in counts.items():
-        total = sum(c.values())
-        if total == 0:
-            terminalreporter.write_line(f"{g} tests: not collected")
-        elif c["skipped"] == total:
-            terminalreporter.write_line(f"{g} tests skipped: {'; '.join(sorted(reasons[g])) or 'skipped'}")
-        else:
-            terminalreporter.write_line(f"{g} tests ran: {c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped")
+    for g in GROUPS:
+        c = counts[g]
+        if out and not (c["passed"] + c["failed"] + c["skipped"]):
+            continue
+        terminalreporter.write_line(group_line(g, c))
+    if out and not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller has every worker's reports
+        Path(out).write_text(json.dumps({"exitstatus": int(exitstatus), "groups": counts}, indent=1), encoding="utf-8")

@@ -143,11 +143,13 @@ def test_cache_hit_is_bit_identical_with_zero_unet_calls_and_misses_on_change(pa
     _, base = small_models
     model = inflated(pack, base)
     host = host_module(pack, "invert_host")
-    settings = pack.vp2p.inversion.InversionSettings(steps=STEPS, inner_steps=3)
+    # The fewest steps and inner iterations that still run null-text optimisation: this test inverts four
+    # times and checks caching, not inversion quality (the CI time budget is shared by all host tests).
+    settings = pack.vp2p.inversion.InversionSettings(steps=2, inner_steps=1)
     latents, positive, negative = video(2)
     with torch.inference_mode(), UNetCalls(model) as calls:
         first = host.invert_cached(model, positive, negative, latents, settings, tmp_path)
-    assert calls.count >= STEPS * 2 and len(list(tmp_path.glob("inversion_*.safetensors"))) == 1
+    assert calls.count >= settings.steps * 2 and len(list(tmp_path.glob("inversion_*.safetensors"))) == 1
     with torch.inference_mode(), UNetCalls(model) as calls:
         again = host.invert_cached(model, positive, negative, latents, settings, tmp_path)
     assert calls.count == 0

@@ -10,7 +10,9 @@ the workflow's thumbnail: written next to the JSON file (``<name>.jpg``) only wi
 ``VP2P_WRITE_THUMBNAILS=1``, otherwise into a temporary folder.
 
 Skipped when the ``playwright`` package or a Chromium binary (``CHROMIUM_PATH``, ``/usr/bin/chromium``,
-``chromium``/``chromium-browser`` on the PATH) is missing. The browser only ever reaches the loopback
+``chromium``/``chromium-browser`` on the PATH) is missing — in CI (``CI`` set) that fails instead, unless
+``VP2P_SKIP_FRONTEND=1`` skips them on purpose. Playwright only drives the given binary (``executable_path``):
+never run ``playwright install``, which downloads a browser. The browser only ever reaches the loopback
 server: every other request is aborted.
 """
 
@@ -22,10 +24,11 @@ import os
 import shutil
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NoReturn, Optional
 
 import pytest
 
+from tests.group_summary import SKIP_FRONTEND_ENV, in_ci, skipped_on_purpose
 from tests.host.server import ComfyClient, comfy_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,19 +220,29 @@ def _post_settings(client: ComfyClient, settings: dict) -> None:
     assert all(stored.get(k) == v for k, v in settings.items()), f"settings not stored: {stored}"
 
 
+def _unavailable(reason: str) -> NoReturn:
+    """Skip for want of a browser; in CI fail instead, unless VP2P_SKIP_FRONTEND=1 asked for the skip."""
+    if in_ci():
+        pytest.fail(f"{reason}; in CI the frontend tests must run (set {SKIP_FRONTEND_ENV}=1 to skip them on purpose)",
+                    pytrace=False)
+    pytest.skip(reason)
+
+
 # -- fixtures ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     """A headless Chromium (playwright, sync API); skips without playwright or a Chromium binary."""
+    if skipped_on_purpose(SKIP_FRONTEND_ENV):
+        pytest.skip(f"skipped on purpose ({SKIP_FRONTEND_ENV}=1)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("the python 'playwright' package is not installed (pip install playwright)")
+        _unavailable("the python 'playwright' package is not installed (pip install playwright)")
     exe = chromium_path()
     if exe is None:
-        pytest.skip(f"CHROMIUM_PATH={os.environ['CHROMIUM_PATH']} is not an executable file" if os.environ.get("CHROMIUM_PATH")
-                    else "no Chromium binary (set CHROMIUM_PATH or install /usr/bin/chromium)")
+        _unavailable(f"CHROMIUM_PATH={os.environ['CHROMIUM_PATH']} is not an executable file" if os.environ.get("CHROMIUM_PATH")
+                     else "no Chromium binary (set CHROMIUM_PATH or install /usr/bin/chromium: apt-get install chromium)")
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
         try:
