@@ -76,7 +76,7 @@ def fixture_settings(path: Path, **changes: Any) -> tuple[Any, Any, Any]:
                                   inner_steps=10, early_stop=1e-5)
     out = []
     for obj in (settings, options, inversion):
-        fields = getattr(obj, "__dataclass_fields__")
+        fields = obj.__dataclass_fields__
         out.append(replace(obj, **{k: v for k, v in changes.items() if k in fields}))
     return tuple(out)
 

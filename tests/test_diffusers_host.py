@@ -7,9 +7,9 @@ import torch
 
 from tests.helpers import randomise_temporal
 from vp2p import AttentionController, FrameMode, RunState, T2SSettings
-from vp2p.video_norm import NormScope
 from vp2p.diffusers_host import DiffusersT2S
 from vp2p.keys import LayerKey
+from vp2p.video_norm import NormScope
 
 FRAMES = 4
 

@@ -9,7 +9,6 @@ import torch
 
 from tests.test_edit import DIM, embed, make_edit
 from vp2p import COND, FrameMode, LayoutSpec, T2SSettings
-from vp2p.layout import TARGET
 from vp2p.attention_store import (
     DEFAULT_MAX_TOKENS,
     AttentionStore,
@@ -28,6 +27,7 @@ from vp2p.fatezero import BlendLatent, FateZeroController, FateZeroEdit, FateZer
 from vp2p.frame_attention import compact_keys, expand_keys, frame_attention_inputs, key_frames
 from vp2p.inversion import ddim_invert, inversion_input
 from vp2p.keys import LayerKey
+from vp2p.layout import TARGET
 from vp2p.local_blend import LocalBlendSpec
 from vp2p.schedule import Schedule, sd_alphas_cumprod
 
