@@ -76,9 +76,8 @@ def test_cross_attention_replace_reweight_vs_hand_reference(prompt):
         if out is None:  # nothing to do at this step: the default path runs
             assert not replaced
             continue
-        torch.testing.assert_close(out[tgt], apply_probabilities(want_p, v[tgt], heads))
-        torch.testing.assert_close(out[src], sdpa(q[src], k[src], v[src], heads))
-        torch.testing.assert_close(out[unc], sdpa(q[unc], k[unc], v[unc], heads))
+        assert set(out) == {2}, "the controller returns the conditional target only; the patch computes the rest"
+        torch.testing.assert_close(out[2], apply_probabilities(want_p, v[tgt], heads))
 
 
 def test_refine_and_per_word_windows(prompt):
@@ -96,7 +95,8 @@ def test_refine_and_per_word_windows(prompt):
     refined = p_src[..., mapper] * alphas + p_tgt * (1 - alphas)
     a = alpha[0]
     want = refined * a + p_tgt * (1 - a)
-    torch.testing.assert_close(out[1:], apply_probabilities(want, v[1:], 2))
+    assert set(out) == {1}
+    torch.testing.assert_close(out[1], apply_probabilities(want, v[1:], 2))
     assert torch.equal(want[..., 2], p_tgt[..., 2])  # "big" is new and its window is closed
 
 
@@ -108,15 +108,15 @@ def test_self_replace_temporal_by_default_frame_on_request(prompt):
     q, k, v = (torch.randn(3 * n, 3, 8, generator=g) for _ in range(3))
     ctl = P2PController(make_edit(prompt, self_replace=0.3), sched)
     out = ctl.override(call_for("temporal", roles, 3, float(sched.sigmas[2])), q, k, v)
-    torch.testing.assert_close(out[8:12], sdpa(q[4:8], k[4:8], v[8:12], 2))  # the source's maps, the target's values
-    torch.testing.assert_close(out[:8], sdpa(q[:8], k[:8], v[:8], 2))
+    assert set(out) == {2}
+    torch.testing.assert_close(out[2], sdpa(q[4:8], k[4:8], v[8:12], 2))  # the source's maps, the target's values
     assert ctl.override(call_for("temporal", roles, 3, float(sched.sigmas[3])), q, k, v) is None  # window over
     assert ctl.override(call_for("attn1", roles, 1, float(sched.sigmas[0])), q, k, v) is None  # frame attention untouched
     frame = P2PController(make_edit(prompt, self_replace=0.3, self_attention=SelfReplace.FRAME), sched)
     q1, k1, v1 = (torch.randn(3, 16, 8, generator=g) for _ in range(3))  # one frame per video, 4×4 tokens
     out = frame.override(call_for("attn1", roles, 1, float(sched.sigmas[0])), q1, k1, v1)
-    torch.testing.assert_close(out[2:3], sdpa(q1[1:2], k1[1:2], v1[2:3], 2))
-    torch.testing.assert_close(out[:2], sdpa(q1[:2], k1[:2], v1[:2], 2))
+    assert set(out) == {2}
+    torch.testing.assert_close(out[2], sdpa(q1[1:2], k1[1:2], v1[2:3], 2))
     big = torch.randn(3, 17 * 17, 8, generator=g)  # more than 16² tokens per frame: left alone, as prompt-to-prompt does
     assert frame.override(call_for("attn1", roles, 1, float(sched.sigmas[0])), big, big, big) is None
     assert frame.override(call_for("temporal", roles, 3, float(sched.sigmas[0])), q, k, v) is None
@@ -188,9 +188,9 @@ def test_identity_edit_reproduces_the_source(edit_setup, prompt):
         for reuse in (True, False):
             res = run_edit(den, inputs, same if guidance is Guidance.SHARED_NULL else None, guidance, reuse, target=inputs.cond)
             if guidance is Guidance.SHARED_NULL:
-                # computed side by side in one batch: equal to float noise; reused from the inversion's walk
-                # (computed unbatched there): equal up to that noise amplified by cfg 7.5 over the steps
-                tol = 1e-4 if reuse else 1e-6
+                # computed side by side (the source by the host's kernel, the target from explicit maps) or reused
+                # from the inversion's walk (computed unbatched there): equal up to float noise amplified by cfg 7.5
+                tol = 1e-4
                 torch.testing.assert_close(res.edited, res.source, atol=tol, rtol=tol)
     # the source branch is the inversion's walk, computed or reused
     full = run_edit(den, inputs, same, Guidance.SHARED_NULL, reuse=False, target=inputs.cond)

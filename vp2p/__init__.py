@@ -4,7 +4,7 @@ No ComfyUI import anywhere in this package; hosts (ComfyUI in ``nodes/``, diffus
 ``vp2p.diffusers_host``) are thin adapters around ``AttentionPatch``.
 """
 
-from .control import ATTN1, ATTN2, RUN_STATE_KEY, TEMPORAL, AttentionCall, AttentionController, RunState
+from .control import ATTN1, ATTN2, RUN_STATE_KEY, TEMPORAL, AttentionCall, AttentionController, RunState, VideoOutputs
 from .errors import LayoutError, RegistrationError, SettingsError, UnsupportedModelError, VP2PError
 from .frame_attention import FrameMode
 from .keys import LayerKey
@@ -13,7 +13,7 @@ from .patch import AttentionPatch, T2SSettings, is_vp2p_patch
 from .temporal import BlockShape, TemporalAttention, TemporalBank
 
 __all__ = [
-    "ATTN1", "ATTN2", "TEMPORAL", "RUN_STATE_KEY", "AttentionCall", "AttentionController", "RunState",
+    "ATTN1", "ATTN2", "TEMPORAL", "RUN_STATE_KEY", "AttentionCall", "AttentionController", "RunState", "VideoOutputs",
     "VP2PError", "LayoutError", "RegistrationError", "SettingsError", "UnsupportedModelError",
     "FrameMode", "LayerKey", "COND", "UNCOND", "BatchLayout", "LayoutSpec",
     "AttentionPatch", "T2SSettings", "is_vp2p_patch", "BlockShape", "TemporalAttention", "TemporalBank",

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from .attention import AttentionFn, sdpa
 from .frame_attention import FrameMode
 from .keys import LayerKey
 from .layout import BatchLayout, LayoutSpec
@@ -41,6 +42,23 @@ class AttentionCall:
     layout: BatchLayout
     frame_mode: FrameMode
     extra_options: Mapping[str, Any] = field(repr=False, compare=False)
+    attention_fn: AttentionFn = field(default=sdpa, repr=False, compare=False)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The host's configured attention kernel (ComfyUI's optimized attention, SDPA under
+        autograd): q [A, Nq, H·D], k/v [A, Nk, H·D] -> [A, Nq, H·D]. What a controller uses for the
+        rows it owns when it needs no maps."""
+        return self.attention_fn(q, k, v, self.heads, self.extra_options)
+
+    def per_video(self, q: torch.Tensor) -> int:
+        """Attention rows per video of this call (1 for grouped frame attention, F for per-frame
+        attention, N for temporal attention)."""
+        return q.shape[0] // self.layout.videos
+
+    def video_rows(self, video: int, q: torch.Tensor) -> slice:
+        """The attention rows of video ``video`` (an index into ``layout.video_roles``)."""
+        per = self.per_video(q)
+        return slice(video * per, (video + 1) * per)
 
     @property
     def sigmas(self) -> Optional[torch.Tensor]:
@@ -59,13 +77,20 @@ class AttentionCall:
         return list(shape) if shape is not None else None
 
 
+# What ``AttentionController.override`` returns: video index -> that video's output [per_video, Nq, H·D].
+VideoOutputs = Mapping[int, torch.Tensor]
+
+
 class AttentionController:
     """Identity controller: a subclass overrides what it needs.
 
-    Order per attention call: ``override`` (return a tensor to replace the attention
-    output outright, e.g. an SDPA over source queries/keys and target values);
-    otherwise, if ``needs_probabilities`` is true, the maps are computed explicitly
-    and passed through ``edit_probabilities``; otherwise the fast SDPA path runs.
+    Order per attention call: ``override`` returns the outputs of the videos it edits
+    (``{video: out}``, e.g. the target's rows as SDPA over source queries/keys and target
+    values); every other video is computed by what would have run without the controller
+    (a replace function another node chained on the key, else the host's kernel), so a
+    controller never computes rows it does not own. When ``override`` edits nothing and
+    ``needs_probabilities`` is true, the maps of every row are computed explicitly and passed
+    through ``edit_probabilities`` (a controller that owns all rows: tests, diagnostics).
     """
 
     def needs_probabilities(self, call: AttentionCall) -> bool:
@@ -75,8 +100,9 @@ class AttentionController:
         """probs: [A, H, Nq, Nk] fp32 -> same shape."""
         return probs
 
-    def override(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
-        """q: [A, Nq, H·D], k/v: [A, Nk, H·D] -> [A, Nq, H·D] or ``None`` for the default path."""
+    def override(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[VideoOutputs]:
+        """q: [A, Nq, H·D], k/v: [A, Nk, H·D] (A = videos × ``call.per_video(q)``) -> the outputs of
+        the videos this controller edits, ``{video: [per_video, Nq, H·D]}``; ``None`` or ``{}``: none."""
         return None
 
 

@@ -33,15 +33,15 @@ from typing import Optional
 
 import torch
 
-from .attention import apply_probabilities, attention_probabilities, sdpa
+from .attention import apply_probabilities, attention_probabilities
 from .attention_store import AttentionStore, AttentionStoreError, entry, parse_entry
-from .control import ATTN1, ATTN2, AttentionCall, AttentionController
+from .control import ATTN1, ATTN2, AttentionCall, AttentionController, VideoOutputs
 from .errors import SettingsError, parse_option
 from .frame_attention import FrameMode, expand_keys
 from .keys import LayerKey
 from .layout import COND, TARGET
 from .local_blend import LocalBlendSpec, blend_factor, grid_of, normalised_maps
-from .p2p import P2PController, P2PEdit
+from .p2p import P2PEdit
 from .prompt_align import EditKind
 from .schedule import Schedule
 
@@ -202,7 +202,7 @@ class FateZeroController(AttentionController):
         self._masks: dict[tuple[int, int, int], torch.Tensor] = {}
         self.last_self_mask: Optional[torch.Tensor] = None  # [F, h, w] bool, for tests and previews
 
-    def override(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+    def override(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[VideoOutputs]:
         if call.kind not in (ATTN1, ATTN2):
             return None
         tgt = call.layout.video_of(COND, TARGET)
@@ -212,17 +212,12 @@ class FateZeroController(AttentionController):
         tokens = call.frame_tokens(q)
         if step >= self.store.spec.stored_steps or tokens > self.store.spec.max_tokens:
             return None
-        per = q.shape[0] // call.layout.videos
-        rows = slice(tgt * per, (tgt + 1) * per)
+        rows = call.video_rows(tgt, q)
         if call.kind == ATTN2:
             out_t = self._cross(call, step, tokens, q[rows], k[rows], v[rows])
         else:
             out_t = self._self(call, step, tokens, q[rows], k[rows], v[rows])
-        if out_t is None:
-            return None
-        out = P2PController._rest(call, q, k, v, (tgt,), per)
-        out[rows] = out_t
-        return out
+        return None if out_t is None else {tgt: out_t}
 
     # -- cross-attention: prompt-to-prompt from the stored source maps --------------------------------
     def _cross(self, call: AttentionCall, step: int, tokens: int, q: torch.Tensor, k: torch.Tensor,
@@ -243,8 +238,9 @@ class FateZeroController(AttentionController):
         p_tgt = p_src if whole and not record else attention_probabilities(q, k, call.heads)
         if record:
             self.blend.record(call.key, p_src, p_tgt)
-        edited = self.fz.edit.edit_cross(p_src, p_tgt, self.alpha[step]) if cross else p_tgt
-        return apply_probabilities(edited, v, call.heads)
+        if not cross:
+            return None  # recorded for the latent blend only: the target keeps its own attention
+        return apply_probabilities(self.fz.edit.edit_cross(p_src, p_tgt, self.alpha[step]), v, call.heads)
 
     # -- self-attention: stored queries/keys, blended by the source's word mask ---------------------
     def _self(self, call: AttentionCall, step: int, tokens: int, q: torch.Tensor, k: torch.Tensor,
@@ -268,10 +264,10 @@ class FateZeroController(AttentionController):
                 f"The stored self-attention of layer {call.key} does not fit this edit (queries {list(q_src.shape)} vs "
                 f"{list(q.shape)}): the store was made with another frame attention or video size. Invert again."
             )
-        source = sdpa(q_src, k_src, v, call.heads)
+        source = call.attend(q_src, k_src, v)
         if mask is None or not bool(mask.any()):
             return source
-        own = sdpa(q, k, v, call.heads)
+        own = call.attend(q, k, v)
         m = mask.reshape(q.shape[0], q.shape[1], 1).to(q.device)  # rows of q are frames, or one video's F·N queries
         return torch.where(m, own, source)
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import apply_probabilities, attention_probabilities
-from .control import ATTN2, AttentionCall, AttentionController
+from .control import ATTN2, AttentionCall, AttentionController, VideoOutputs
 from .errors import SettingsError
 from .keys import LayerKey
 from .layout import COND
@@ -84,18 +84,24 @@ class WordMapRecorder(AttentionController):
         # the middle block is taken whatever its resolution when asked (the study found it essential)
         return (g[1], g[2]) if (middle and self.include_middle) or (not middle and g[0] in self.factors) else None
 
-    def override(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+    def override(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[VideoOutputs]:
+        """The conditional videos' outputs from explicit (differentiable) maps; other rows are the host's."""
         grid = self._grid(call, q.shape[1])
         if grid is None:
             return None
-        probs = attention_probabilities(q, k, call.heads)  # [A, H, N, T], differentiable
-        per = q.shape[0] // call.layout.videos
-        rows = [i for i, (kind, _) in enumerate(call.layout.video_roles) if kind == COND]
-        if rows:
-            sel = torch.cat([probs[r * per:(r + 1) * per] for r in rows])
-            word = sel[..., list(self.positions)].mean(-1).mean(1)  # [F, N]
-            self.maps[call.key] = word.reshape(word.shape[0], *grid)
-        return apply_probabilities(probs, v, call.heads)
+        videos = [i for i, (kind, _) in enumerate(call.layout.video_roles) if kind == COND]
+        if not videos:
+            return None
+        outputs: dict[int, torch.Tensor] = {}
+        words = []
+        for video in videos:
+            rows = call.video_rows(video, q)
+            probs = attention_probabilities(q[rows], k[rows], call.heads)  # [per, H, N, T], differentiable
+            words.append(probs[..., list(self.positions)].mean(-1).mean(1))  # [F, N]
+            outputs[video] = apply_probabilities(probs, v[rows], call.heads)
+        word = torch.cat(words)
+        self.maps[call.key] = word.reshape(word.shape[0], *grid)
+        return outputs
 
 
 def guided_update(x: torch.Tensor, sigma: float, masks: torch.Tensor, eta: float,

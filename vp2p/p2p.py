@@ -26,8 +26,8 @@ from typing import Optional
 
 import torch
 
-from .attention import apply_probabilities, attention_probabilities, sdpa
-from .control import ATTN1, ATTN2, TEMPORAL, AttentionCall, AttentionController
+from .attention import apply_probabilities, attention_probabilities
+from .control import ATTN1, ATTN2, TEMPORAL, AttentionCall, AttentionController, VideoOutputs
 from .errors import SettingsError, parse_option
 from .layout import COND, SOURCE, TARGET
 from .local_blend import LocalBlend, LocalBlendSpec
@@ -150,34 +150,29 @@ class P2PController(AttentionController):
         return self.schedule.step_index(call.sigmas)
 
     # -- the hook --------------------------------------------------------------------------
-    def override(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+    def override(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[VideoOutputs]:
+        """The conditional target's output where the edit changes it; nothing else."""
         src, tgt = call.layout.video_of(COND, SOURCE), call.layout.video_of(COND, TARGET)
         if src is None or tgt is None:
             return None
         step = self._step(call)
-        per = q.shape[0] // call.layout.videos  # attention rows per video
-        rows = {v_: slice(v_ * per, (v_ + 1) * per) for v_ in (src, tgt)}
+        rs, rt = call.video_rows(src, q), call.video_rows(tgt, q)
         if call.kind == ATTN2:
             cross = bool(self.alpha[step].any())
             record = self.blend is not None and self.blend.wants(call.key, q.shape[1])
             if not cross and not record:
                 return None
-            p_src = attention_probabilities(q[rows[src]], k[rows[src]], call.heads)
-            p_tgt = attention_probabilities(q[rows[tgt]], k[rows[tgt]], call.heads)
+            p_src = attention_probabilities(q[rs], k[rs], call.heads)
+            p_tgt = attention_probabilities(q[rt], k[rt], call.heads)
             edited = self.edit.edit_cross(p_src, p_tgt, self.alpha[step]) if cross else p_tgt
             if record:
                 # The target's maps *after* the edit, as the reference's LocalBlend reads them (it stores
                 # the maps it then edits in place).
                 self.blend.record(call.key, p_src, edited)
-            out = self._rest(call, q, k, v, (src, tgt), per)
-            out[rows[src]] = apply_probabilities(p_src, v[rows[src]], call.heads)
-            out[rows[tgt]] = apply_probabilities(edited, v[rows[tgt]], call.heads)
-            return out
+            return {tgt: apply_probabilities(edited, v[rt], call.heads)} if cross else None
         if step >= self.self_until or not self._self_applies(call, q):
             return None
-        out = self._rest(call, q, k, v, (tgt,), per)
-        out[rows[tgt]] = sdpa(q[rows[src]], k[rows[src]], v[rows[tgt]], call.heads)
-        return out
+        return {tgt: call.attend(q[rs], k[rs], v[rt])}
 
     def _self_applies(self, call: AttentionCall, q: torch.Tensor) -> bool:
         which = self.edit.self_attention
@@ -186,24 +181,3 @@ class P2PController(AttentionController):
         if call.kind == ATTN1 and which in (SelfReplace.FRAME, SelfReplace.BOTH):
             return call.frame_tokens(q) <= FRAME_SELF_MAX_TOKENS
         return False
-
-    @staticmethod
-    def _rest(call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, skip: tuple[int, ...], per: int) -> torch.Tensor:
-        """The plain attention of every video except ``skip`` (whose rows the caller fills)."""
-        out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=v.dtype, device=v.device)
-        keep = [i for i in range(call.layout.videos) if i not in skip]
-        for start, end in _runs(keep):
-            sl = slice(start * per, (end + 1) * per)
-            out[sl] = sdpa(q[sl], k[sl], v[sl], call.heads)
-        return out
-
-
-def _runs(indices: list[int]) -> list[tuple[int, int]]:
-    """Consecutive runs of sorted indices: [0, 1, 3] -> [(0, 1), (3, 3)]."""
-    runs: list[tuple[int, int]] = []
-    for i in indices:
-        if runs and runs[-1][1] == i - 1:
-            runs[-1] = (runs[-1][0], i)
-        else:
-            runs.append((i, i))
-    return runs

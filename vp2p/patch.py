@@ -9,9 +9,11 @@ signature) and ``temporal_block`` with a transformer block's output. It
    explicit ``BatchLayout`` (``cond_or_uncond`` × branches × frames);
 2. applies frame attention to ``attn1`` (T2S; per block: blocks narrower than
    ``frame_attention_min_channels`` keep per-frame self-attention);
-3. lets the run's controller override or edit the attention;
-4. otherwise runs the fast path: a replace function that another node installed
-   earlier on the key (chained, never dropped), or the host's SDPA kernel.
+3. lets the run's controller compute the videos it edits (``override`` returns only those);
+4. computes every other row as it would run without the controller: a replace function
+   that another node installed earlier on the key (chained, never dropped, called with every
+   row; on edited videos its contribution is added to the controller's output), else the
+   host's configured attention kernel.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from .attention import AttentionFn, apply_probabilities, attention_probabilities, sdpa
-from .control import ATTN1, ATTN2, RUN_STATE_KEY, TEMPORAL, AttentionCall, AttentionController, RunState
+from .control import ATTN1, ATTN2, RUN_STATE_KEY, TEMPORAL, AttentionCall, AttentionController, RunState, VideoOutputs
 from .errors import RegistrationError, SettingsError
 from .frame_attention import FrameAttentionInputs, FrameMode, frame_attention_inputs, per_row_keys
 from .keys import LayerKey
@@ -124,7 +126,7 @@ class AttentionPatch:
             return self.temporal[key](x, layout.videos, layout.frames)
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-            call = AttentionCall(TEMPORAL, key, heads, layout, self.frame_mode(key), extra_options)
+            call = AttentionCall(TEMPORAL, key, heads, layout, self.frame_mode(key), extra_options, self.attention_fn)
             return self._attend(call, controller, q, k, v, extra_options, None)
 
         return self.temporal[key](x, layout.videos, layout.frames, attend)
@@ -142,7 +144,7 @@ class AttentionPatch:
         layout = BatchLayout.resolve(q.shape[0], extra_options.get("cond_or_uncond"), run.layout)
         mode = self.frame_mode(key) if kind == ATTN1 else FrameMode.NONE
         inputs = frame_attention_inputs(q, k, v, layout.videos, layout.frames, mode)
-        call = AttentionCall(kind, key, heads, layout, mode if layout.frames > 1 else FrameMode.NONE, extra_options)
+        call = AttentionCall(kind, key, heads, layout, mode if layout.frames > 1 else FrameMode.NONE, extra_options, self.attention_fn)
         return self._attend(call, run.controller, inputs.q, inputs.k, inputs.v, extra_options, inputs)
 
     def _attend(
@@ -155,20 +157,78 @@ class AttentionPatch:
         extra_options: Mapping[str, Any],
         inputs: Optional[FrameAttentionInputs],
     ) -> torch.Tensor:
+        """q/k/v in attention space (``inputs``: how attn1's frame attention regrouped them; ``None``
+        for attn2 and temporal, whose rows are not regrouped) -> the output in row space."""
         restore = inputs.restore if inputs is not None else (lambda t: t)
+        owned: VideoOutputs = {}
         if controller is not None:
-            out = controller.override(call, q, k, v)
-            if out is not None:
-                return restore(out)
-            if controller.needs_probabilities(call):
+            owned = controller.override(call, q, k, v) or {}
+            if not owned and controller.needs_probabilities(call):
                 probs = controller.edit_probabilities(call, attention_probabilities(q, k, call.heads))
                 return restore(apply_probabilities(probs, v, call.heads))
-        previous = self.previous.get((call.kind, call.key))
-        if previous is not None and inputs is not None:
-            # Chained patches expect ordinary row-aligned inputs.
-            qr, kr, vr = per_row_keys(inputs, call.layout.frames)
-            return previous(qr, kr, vr, dict(extra_options))
-        return restore(self.attention_fn(q, k, v, call.heads, extra_options))
+        if owned:
+            self._check_owned(call, owned, q, v)
+        previous = self.previous.get((call.kind, call.key)) if inputs is not None else None
+        if previous is None:
+            return restore(self._fill(call, owned, q, k, v))
+        # Another node's replace function: it sees every row, row-aligned, with the call's own
+        # options (its batch is the batch it expects). A video the controller edits gets the
+        # controller's output plus what the other patch adds there (its output minus the plain
+        # attention of those rows), so an additive patch (IPAdapter's image attention, a bias)
+        # keeps working on edited rows and an identity edit gives exactly the other patch's result.
+        qr, kr, vr = per_row_keys(inputs, call.layout.frames)
+        out = previous(qr, kr, vr, dict(extra_options))
+        if not owned:
+            return out
+        plain = restore(self._fill(call, {}, q, k, v, only=sorted(owned)))
+        edited = restore(self._fill(call, owned, q, k, v, only=sorted(owned)))
+        frames = call.layout.frames
+        out = out.clone()
+        for video in owned:
+            rows = slice(video * frames, (video + 1) * frames)
+            out[rows] = edited[rows] + (out[rows] - plain[rows])
+        return out
+
+    @staticmethod
+    def _check_owned(call: AttentionCall, owned: VideoOutputs, q: torch.Tensor, v: torch.Tensor) -> None:
+        per = call.per_video(q)
+        want = (per, q.shape[1], v.shape[2])
+        for video, out in owned.items():
+            if not 0 <= video < call.layout.videos or tuple(out.shape) != want:
+                raise RegistrationError(
+                    f"A controller returned {list(out.shape)} for video {video} of {call.kind} {call.key}; the call has "
+                    f"{call.layout.videos} videos of shape {list(want)}. This is a bug in the controller."
+                )
+
+    @staticmethod
+    def _fill(call: AttentionCall, owned: VideoOutputs, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              only: Optional[list[int]] = None) -> torch.Tensor:
+        """The attention-space output [A, Nq, H·D]: the owned videos' given outputs, every other video
+        through the host's kernel (consecutive videos in one call). ``only``: compute just these videos
+        (the other rows are left uninitialised)."""
+        per = call.per_video(q)
+        if not owned and only is None:
+            return call.attend(q, k, v)
+        out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=v.dtype, device=v.device)
+        wanted = range(call.layout.videos) if only is None else only
+        for video in wanted:
+            if video in owned:
+                out[video * per:(video + 1) * per] = owned[video].to(out.dtype)
+        for start, end in _runs([i for i in wanted if i not in owned]):
+            rows = slice(start * per, (end + 1) * per)
+            out[rows] = call.attend(q[rows], k[rows], v[rows])
+        return out
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of sorted indices: [0, 1, 3] -> [(0, 1), (3, 3)]."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
 
 
 def is_vp2p_patch(fn: Any) -> bool:
