@@ -78,7 +78,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     with torch.no_grad():
                         res = decoupled_edit(den, inputs, edit.target_cond.to(device), 7.5, Guidance.DECOUPLED,
-                                             P2PController(edit, sched, blend), blend, reuse=reuse)
+                                             P2PController(edit, sched, blend), reuse=reuse)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     times[name].append(time.perf_counter() - t0)

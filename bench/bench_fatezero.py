@@ -29,7 +29,7 @@ def main() -> None:
     import torch
 
     from tests.helpers import init_weights, tiny_unet
-    from vp2p import COND, FrameMode, LayoutSpec, T2SSettings
+    from vp2p import FrameMode, LayoutSpec, T2SSettings
     from vp2p.attention_store import DEFAULT_MAX_TOKENS, AttentionStore, StoreRecorder, StoreSpec, entry, parse_entry, store_nbytes
     from vp2p.clip_vocab import clip_tokenizer
     from vp2p.control import RunState
@@ -89,11 +89,11 @@ def main() -> None:
             for name in ("plain", "store"):
                 store = AttentionStore(spec) if name == "store" else None
                 rec = StoreRecorder(store, sched) if store is not None else None
-                d = den if rec is None else (lambda x, sg, c, rec=rec: den(x, sg, c, [COND], RunState(rec, LayoutSpec(f))))
+                run = None if rec is None else RunState(rec, LayoutSpec(f))
                 sync()
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    traj = ddim_invert(d, latents, cond, sched)
+                    traj = ddim_invert(den, latents, cond, sched, run=run)
                     if store is not None:
                         store.finish()
                 sync()

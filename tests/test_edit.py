@@ -59,7 +59,7 @@ def test_cross_attention_replace_reweight_vs_hand_reference(prompt):
     q = torch.randn(3 * frames, n, heads * d, generator=g)
     k = torch.randn(3 * frames, 77, heads * d, generator=g)
     v = torch.randn(3 * frames, 77, heads * d, generator=g)
-    src, tgt, unc = slice(2, 4), slice(4, 6), slice(0, 2)
+    src, tgt = slice(2, 4), slice(4, 6)
     for step, replaced in ((0, True), (4, True), (5, False), (9, False)):
         out = ctl.override(call_for("attn2", roles, frames, float(sched.sigmas[step])), q, k, v)
         p_src = attention_probabilities(q[src], k[src], heads)
@@ -178,7 +178,7 @@ def run_edit(den, inputs, edit=None, guidance=Guidance.DECOUPLED, reuse=True, bl
 
     tgt = target if target is not None else (edit.target_cond if edit is not None else inputs.cond)
     with torch.no_grad():
-        return decoupled_edit(denoise, inputs, tgt, 7.5, guidance, ctl, blend, reuse=reuse)
+        return decoupled_edit(denoise, inputs, tgt, 7.5, guidance, ctl, reuse=reuse)
 
 
 def test_identity_edit_reproduces_the_source(edit_setup, prompt):
@@ -206,7 +206,8 @@ def test_rows_carry_the_null_embeddings_each_guidance_prescribes(edit_setup, pro
     for guidance, want in (
         (Guidance.DECOUPLED, {(UNCOND, 0): "null", (UNCOND, 1): "neg", (COND, 0): "src", (COND, 1): "tgt"}),
         (Guidance.SHARED_NULL, {(UNCOND, 0): "null", (UNCOND, 1): "null", (COND, 0): "src", (COND, 1): "tgt"}),
-        (Guidance.FAST, {(UNCOND, 1): "neg", (COND, 0): "src", (COND, 1): "tgt"}),
+        # fast: the source's uncond rows are sent (every chunk holds both branches) but not used
+        (Guidance.FAST, {(UNCOND, 0): "neg", (UNCOND, 1): "neg", (COND, 0): "src", (COND, 1): "tgt"}),
     ):
         record = []
         run_edit(den, inputs, edit, guidance, reuse=False, record=record)
@@ -228,8 +229,8 @@ def test_reuse_equals_the_full_path_with_fewer_rows(edit_setup, prompt):
     torch.testing.assert_close(reused.edited, full.edited, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(reused.source, full.source, atol=1e-4, rtol=1e-4)
     assert full.rows == [4 * frames] * STEPS
-    # the source's conditional rows only while the controller reads them (cross/self windows: 2 of 5 steps)
-    assert reused.rows == [3 * frames] * 2 + [2 * frames] * 3
+    # the source's rows only while the controller reads them (cross/self windows: 2 of 5 steps)
+    assert reused.rows == [4 * frames] * 2 + [2 * frames] * 3
     assert not torch.allclose(full.edited, full.source, atol=1e-3)  # the edit did something
 
 
@@ -249,7 +250,7 @@ def test_local_blend_keeps_the_source_outside_the_mask_end_to_end(edit_setup, pr
     blend2 = LocalBlend(spec, frames, (8, 8), STEPS)
     again = run_edit(den, inputs, edit, reuse=True, blend=blend2)
     torch.testing.assert_close(again.edited, res.edited, atol=1e-4, rtol=1e-4)
-    assert again.rows == [3 * frames] * STEPS  # blending reads the source maps at every step
+    assert again.rows == [4 * frames] * STEPS  # blending reads the source maps at every step (all chunks × both branches)
 
 
 class RecordingBlend(LocalBlend):

@@ -21,7 +21,7 @@ from vp2p.attention_store import (
     store_nbytes,
 )
 from vp2p.clip_vocab import find_vocab_source
-from vp2p.control import RunState
+from vp2p.control import AttentionController, RunState
 from vp2p.edit import EditInputs, Guidance, fused_edit
 from vp2p.fatezero import BlendLatent, FateZeroController, FateZeroEdit, FateZeroLatentBlend, latent_blend_steps
 from vp2p.frame_attention import compact_keys, expand_keys, frame_attention_inputs, key_frames
@@ -75,7 +75,7 @@ class Host:
     def recording(self, store=None):
         rec = StoreRecorder(store or self.store, self.sched)
 
-        def den(x, sigma, cond):
+        def den(x, sigma, cond, kinds=None, run=None):
             self.calls += 1
             return self.den(x, sigma, cond, [COND], RunState(rec, LayoutSpec(FRAMES)))
 
@@ -85,7 +85,7 @@ class Host:
         ctl = FateZeroController(fz, store or self.store, self.sched, (8, 8), blend) if fz is not None else None
         tgt = target if target is not None else fz.edit.target_cond
         with torch.no_grad():
-            return fused_edit(self.den, self.inputs, self.traj, tgt, 7.5, Guidance.DECOUPLED, ctl, blend), ctl
+            return fused_edit(self.den, self.inputs, self.traj, tgt, 7.5, Guidance.DECOUPLED, ctl), ctl
 
     def close(self):
         self.host.remove()
@@ -109,7 +109,7 @@ def test_store_holds_the_stored_steps_and_layers_in_half_precision(host):
     assert spec.stored_steps == STEPS
     # the inversion's own calls (at sigmas[S−1]…sigmas[0], as FateZero's) record every step: no extra call
     assert host.calls == STEPS
-    assert record_missing_steps(host.recording(), host.traj, host.cond, host.sched, host.store) == 0
+    assert record_missing_steps(host.recording(), host.traj, host.cond, host.sched, host.store, None) == 0
     names = host.store.names(0)
     kinds = {parse_entry(n)[0] for n in names}
     assert kinds == {"attn1", "attn2"}  # temporal attention is never stored
@@ -263,7 +263,7 @@ def test_latent_blend_keeps_the_inverted_latent_outside_its_mask(host, prompt, l
     fz.blend_latent = level
     ctl = FateZeroController(fz, host.store, host.sched, (8, 8), blend)
     with torch.no_grad():
-        fused_edit(host.den, host.inputs, host.traj, fz.edit.target_cond, 7.5, Guidance.DECOUPLED, ctl, blend, on_step=after)
+        fused_edit(host.den, host.inputs, host.traj, fz.edit.target_cond, 7.5, Guidance.DECOUPLED, ctl, on_step=after)
     assert checked == list(range(STEPS - 1))
 
 
@@ -337,7 +337,14 @@ def test_same_level_blend_changes_nothing_on_the_samplers_own_path():
                 blend.record(LayerKey("input", 4, 0), zeros, zeros)
             return den(x, sigma, context)
 
-        res = fused_edit(denoise, inputs, source_latents, cond, 1.0, Guidance.DECOUPLED, None, blend,
+        class BlendOnly(AttentionController):
+            """The latent blend's end of step, without any attention fusion."""
+
+            def end_step(self, step, x, source_at):
+                blend.end_step()
+                return blend.blend(step, source_at(blend.source_index(step)).to(x), x)
+
+        res = fused_edit(denoise, inputs, source_latents, cond, 1.0, Guidance.DECOUPLED, BlendOnly() if blend is not None else None,
                          on_step=lambda i, x: path.append(x.clone()))
         return res.edited, torch.stack(path)
 

@@ -40,7 +40,7 @@ def test_the_unet_sees_the_current_latent_at_the_destination_timestep():
     schedule = Schedule.reference(50)
     seen = []
 
-    def recording(x, sigma, c):
+    def recording(x, sigma, c, kinds=None, run=None):
         seen.append((float(sigma[0]), (x / torch.sqrt(1 + sigma.view(-1, 1, 1, 1) ** 2)).clone()))
         return den(x, sigma, c)
 

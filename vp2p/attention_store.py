@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .attention import attention_probabilities
-from .control import ATTN1, ATTN2, AttentionCall, AttentionController
+from .control import ATTN1, ATTN2, AttentionCall, AttentionController, RunState
 from .errors import VP2PError, parse_option
 from .frame_attention import FrameMode, compact_keys, key_frames
 from .inversion import inversion_input
@@ -327,13 +327,14 @@ def store_nbytes(frames: int, layers: list[tuple[int, int, int]], frame_mode: Fr
     return per_step * stored_steps
 
 
-def record_missing_steps(denoise, trajectory: torch.Tensor, cond: torch.Tensor, schedule: Schedule, store: AttentionStore) -> int:
+def record_missing_steps(denoise, trajectory: torch.Tensor, cond: torch.Tensor, schedule: Schedule, store: AttentionStore,
+                         run: RunState) -> int:
     """Record every stored step the store lacks, with exactly the UNet call the inversion made for
     it: step i is evaluated at ``sigmas[i]`` on the latent ``trajectory[i+1]`` (see
     ``vp2p.inversion.inversion_step``). A store recorded during the inversion lacks none; a store
     added to a cached inversion lacks all of them.
 
-    ``denoise(x, σ, cond)`` must carry a ``StoreRecorder`` of ``store`` in its run state;
+    ``denoise`` is a ``vp2p.denoise.Denoiser``; ``run`` carries a ``StoreRecorder`` of ``store``;
     trajectory [S+1, F, C, h, w] (σ-space), cond [1|F, T, D]. Steps are recorded from the
     last to the first, as the inversion would. Returns the number of UNet calls made."""
     frames = trajectory.shape[1]
@@ -342,6 +343,6 @@ def record_missing_steps(denoise, trajectory: torch.Tensor, cond: torch.Tensor, 
     calls = 0
     for step in reversed(range(store.spec.stored_steps)):
         if step not in store.record_order:
-            denoise(inversion_input(trajectory[step + 1].float(), sig[step + 1], sig[step]), sig[step].expand(frames), context)
+            denoise(inversion_input(trajectory[step + 1].float(), sig[step + 1], sig[step]), sig[step].expand(frames), context, None, run)
             calls += 1
     return calls

@@ -11,7 +11,7 @@ in module globals or in the patched model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -99,6 +99,16 @@ class AttentionController:
     def edit_probabilities(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor:
         """probs: [A, H, Nq, Nk] fp32 -> same shape."""
         return probs
+
+    # -- the step lifecycle (prompt-to-prompt's): what a sampler asks its controller ----------------
+    def needs_source(self, step: int) -> bool:
+        """Whether the source branch's conditional rows must be in the UNet call of ``step``."""
+        return False
+
+    def end_step(self, step: int, x_target: torch.Tensor, source_at: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """After ``step``'s DDIM step: the target latent x_target [F, C, h, w] (σ-space at sigmas[step+1]),
+        possibly changed (a latent blend); ``source_at(j)`` is the source latent at sigmas[j]."""
+        return x_target
 
     def override(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[VideoOutputs]:
         """q: [A, Nq, H·D], k/v: [A, Nk, H·D] (A = videos × ``call.per_video(q)``) -> the outputs of

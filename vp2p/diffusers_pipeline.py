@@ -237,7 +237,7 @@ def sample_edit(den: Callable, edit: "P2PEdit", inputs: "EditInputs", options: E
     blend = LocalBlend(edit.blend, inputs.z_t.shape[0], latent_hw, schedule.steps) if edit.blend is not None else None
     with torch.no_grad():
         return decoupled_edit(den, inputs, edit.target_cond, options.cfg, Guidance.parse(options.guidance),
-                              P2PController(edit, schedule, blend), blend,
+                              P2PController(edit, schedule, blend),
                               on_step=lambda i, x: report("edit", i + 1, schedule.steps, float("nan")))
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -201,6 +201,13 @@ class FateZeroController(AttentionController):
         self.frame_mode = FrameMode.parse(store.spec.frame_mode)
         self._masks: dict[tuple[int, int, int], torch.Tensor] = {}
         self.last_self_mask: Optional[torch.Tensor] = None  # [F, h, w] bool, for tests and previews
+
+    def end_step(self, step: int, x_target: torch.Tensor, source_at: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """FateZero's latent blend: outside its mask the target takes the inverted latent it keeps."""
+        if self.blend is None:
+            return x_target
+        self.blend.end_step()
+        return self.blend.blend(step, source_at(self.blend.source_index(step)).to(x_target), x_target)
 
     def override(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[VideoOutputs]:
         if call.kind not in (ATTN1, ATTN2):

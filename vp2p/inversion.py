@@ -1,7 +1,8 @@
 """Video inversion: DDIM inversion and null-text optimisation (Video-P2P §3.2).
 
-Host-agnostic: the model is ``denoise(x_σ, σ, cond) -> x0`` in ComfyUI's σ-space
-(``x = x0 + σ·ε``), so eps- and v-models invert through the same code.
+Host-agnostic: the model is a ``vp2p.denoise.Denoiser`` in ComfyUI's σ-space (``x = x0 + σ·ε``),
+so eps- and v-models invert through the same code; classifier-free guidance goes through the
+host's ``Combine`` (ComfyUI: its ``cfg_function``, so other nodes' CFG functions apply).
 
 * DDIM inversion runs the schedule's sigmas backwards, conditional only, from the clean latent
   at the final sigma up to σ₀, and keeps the whole trajectory. Each step evaluates the UNet on
@@ -28,13 +29,15 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .control import RunState
+from .denoise import Combine, Denoiser, plain_cfg
 from .errors import SettingsError, parse_option
-from .schedule import Schedule
+from .layout import UNCOND
+from .schedule import Schedule, ddim_step, to_data_scale
 
 log = logging.getLogger("VideoP2P")
 
-# x_σ [F, C, h, w], σ [F], cond [F, T, D] -> x0 [F, C, h, w]
-Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Denoise = Denoiser  # the one protocol (vp2p.denoise)
 
 
 class InversionMode(str, Enum):
@@ -99,7 +102,8 @@ def inversion_input(x: torch.Tensor, s_cur: torch.Tensor, s_dst: torch.Tensor) -
     return x * (torch.sqrt(1.0 + s_dst**2) / torch.sqrt(1.0 + s_cur**2))
 
 
-def inversion_step(denoise: Denoise, x: torch.Tensor, s_cur: torch.Tensor, s_dst: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+def inversion_step(denoise: Denoise, x: torch.Tensor, s_cur: torch.Tensor, s_dst: torch.Tensor, cond: torch.Tensor,
+                   run: Optional[RunState] = None) -> torch.Tensor:
     """One DDIM inversion step from level ``s_cur`` up to ``s_dst`` (σ-space, x [F, C, h, w]).
 
     As the references (Video-P2P's and FateZero's ``next_step``, null-text inversion before them):
@@ -107,14 +111,14 @@ def inversion_step(denoise: Denoise, x: torch.Tensor, s_cur: torch.Tensor, s_dst
     x0 = x − s_cur·ε and the next latent is x0 + s_dst·ε. Evaluating at the current level instead
     is a different and less accurate inversion (tests/test_inversion.py measures both)."""
     x_in = inversion_input(x, s_cur, s_dst)
-    d = denoise(x_in, s_dst.expand(x.shape[0]), cond).float()
+    d = denoise(x_in, s_dst.expand(x.shape[0]), cond, None, run).float()
     eps = (x_in - d) / s_dst
     return x - s_cur * eps + s_dst * eps
 
 
 def ddim_invert(denoise: Denoise, latents: torch.Tensor, cond: torch.Tensor, schedule: Schedule,
                 should_stop: Optional[Callable[[], None]] = None,
-                on_step: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+                on_step: Optional[Callable[[int], None]] = None, run: Optional[RunState] = None) -> torch.Tensor:
     """Conditional-only DDIM inversion. latents [F, C, h, w] (DDPM scale, as encoded) ->
     trajectory [S+1, F, C, h, w] in σ-space, index i at ``schedule.sigmas[i]`` (0 = z_T).
 
@@ -129,7 +133,7 @@ def ddim_invert(denoise: Denoise, latents: torch.Tensor, cond: torch.Tensor, sch
     for i in range(schedule.steps, 0, -1):  # from the final sigma up to sigma 0
         if should_stop is not None:
             should_stop()
-        x = inversion_step(denoise, x, sig[i], sig[i - 1], cond)
+        x = inversion_step(denoise, x, sig[i], sig[i - 1], cond, run)
         traj.append(x)
         if on_step is not None:
             on_step(schedule.steps - i + 1)
@@ -137,26 +141,24 @@ def ddim_invert(denoise: Denoise, latents: torch.Tensor, cond: torch.Tensor, sch
 
 
 def guided(denoise: Denoise, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, null: Optional[torch.Tensor],
-           cfg: float, d_cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Classifier-free guided x0: D_u + cfg·(D_c − D_u); without ``null`` the conditional D."""
+           cfg: float, d_cond: Optional[torch.Tensor] = None, combine: Combine = plain_cfg) -> torch.Tensor:
+    """Classifier-free guided x0 (``combine``: D_u + cfg·(D_c − D_u)); without ``null`` the conditional D."""
     frames = x.shape[0]
     if d_cond is None:
         d_cond = denoise(x, sigma.expand(frames), _per_frame(cond, frames)).float()
     if null is None:
         return d_cond
-    d_u = denoise(x, sigma.expand(frames), _per_frame(null, frames)).float()
-    return d_u + cfg * (d_cond - d_u)
+    d_u = denoise(x, sigma.expand(frames), _per_frame(null, frames), [UNCOND]).float()
+    return combine(d_cond, d_u, cfg, x, sigma)
 
 
-def euler_step(x: torch.Tensor, d: torch.Tensor, s_cur: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM step in σ-space from s_cur to s_next given the x0 prediction d."""
-    return d + s_next * (x - d) / s_cur
+euler_step = ddim_step  # deterministic DDIM in σ-space (vp2p.schedule)
 
 
 def optimise_null_text(denoise: Denoise, trajectory: torch.Tensor, cond: torch.Tensor, null_init: torch.Tensor,
                        schedule: Schedule, settings: InversionSettings,
                        on_step: Optional[Callable[[int, int, float], None]] = None,
-                       should_stop: Optional[Callable[[], None]] = None) -> NullTextResult:
+                       should_stop: Optional[Callable[[], None]] = None, combine: Combine = plain_cfg) -> NullTextResult:
     """Null-text optimisation along an inversion trajectory (see the module docstring).
 
     trajectory [S+1, F, C, h, w]; cond [1 or F, T, D]; null_init [1, T, D] (the initial,
@@ -188,7 +190,7 @@ def optimise_null_text(denoise: Denoise, trajectory: torch.Tensor, cond: torch.T
             if should_stop is not None:
                 should_stop()
             with torch.enable_grad():
-                d = guided(denoise, x, s_cur, cond, null, settings.cfg, d_cond)
+                d = guided(denoise, x, s_cur, cond, null, settings.cfg, d_cond, combine)
                 rec = euler_step(x, d, s_cur, s_next) / torch.sqrt(1 + s_next**2)
                 loss = F.mse_loss(rec, target)
                 opt.zero_grad(set_to_none=True)
@@ -200,7 +202,7 @@ def optimise_null_text(denoise: Denoise, trajectory: torch.Tensor, cond: torch.T
                 break
         null = null.detach()
         with torch.no_grad():
-            x = euler_step(x, guided(denoise, x, s_cur, cond, null, settings.cfg, d_cond), s_cur, s_next)
+            x = euler_step(x, guided(denoise, x, s_cur, cond, null, settings.cfg, d_cond, combine), s_cur, s_next)
         path.append(x)
         out.append(null.clone())
         iterations.append(used)
@@ -211,7 +213,7 @@ def optimise_null_text(denoise: Denoise, trajectory: torch.Tensor, cond: torch.T
 
 
 def reconstruct(denoise: Denoise, z_t: torch.Tensor, cond: torch.Tensor, schedule: Schedule, cfg: float,
-                null_embeddings: Optional[torch.Tensor]) -> torch.Tensor:
+                null_embeddings: Optional[torch.Tensor], combine: Combine = plain_cfg) -> torch.Tensor:
     """Sample from z_T with per-step null embeddings (or unguided when ``None``); returns the
     latent at the final sigma in the DDPM scale. z_t [F, C, h, w] in σ-space at σ₀."""
     sig = schedule.sigmas.to(z_t.device)
@@ -219,8 +221,8 @@ def reconstruct(denoise: Denoise, z_t: torch.Tensor, cond: torch.Tensor, schedul
     with torch.no_grad():
         for i in range(schedule.steps):
             null = None if null_embeddings is None else null_embeddings[i]
-            x = euler_step(x, guided(denoise, x, sig[i], cond, null, cfg), sig[i], sig[i + 1])
-    return x / torch.sqrt(1 + sig[-1] ** 2)
+            x = euler_step(x, guided(denoise, x, sig[i], cond, null, cfg, combine=combine), sig[i], sig[i + 1])
+    return to_data_scale(x, sig[-1])
 
 
 def _per_frame(t: torch.Tensor, frames: int) -> torch.Tensor:

@@ -10,11 +10,12 @@ The rows of a UNet batch are ``chunks × branches × frames`` in that order:
   a plain sampler has one;
 * *frames* are the frames of one video, which is the batch axis of an IMAGE/LATENT.
 
-A *video* is one ``(chunk, branch)`` pair: ``F`` consecutive rows. A sampler that composes
-its own batch (the decoupled sampler, which may leave out rows it already knows) names
-every video's ``(kind, branch)`` explicitly in ``LayoutSpec.roles``; it then passes one
-``cond_or_uncond`` entry per video, which is what ComfyUI's own patches expect (equal
-chunks of F rows).
+A *video* is one ``(chunk, branch)`` pair: ``F`` consecutive rows. Through ComfyUI's
+``calc_cond_batch`` every chunk holds the same branches (the sampler's latent rows, one video
+per branch, in the order ``LayoutSpec.present`` names them: e.g. only the target while the
+source is not needed). A host that composes its own batch (the diffusers host) may instead
+name every video's ``(kind, branch)`` in ``LayoutSpec.roles`` and pass one ``cond_or_uncond``
+entry per video, which is what ComfyUI's own patches expect (equal chunks of F rows).
 """
 
 from __future__ import annotations
@@ -36,12 +37,21 @@ class LayoutSpec:
     frames: int
     branches: int = 1
     roles: Optional[tuple[tuple[int, int], ...]] = None  # per video: (COND|UNCOND, branch)
+    present: Optional[tuple[int, ...]] = None  # the branches each chunk holds, in row order (default: all)
 
     def __post_init__(self) -> None:
         if self.frames < 1 or self.branches < 1:
             raise LayoutError(f"A layout needs frames ≥ 1 and branches ≥ 1, got frames={self.frames}, branches={self.branches}.")
         if self.roles is not None and any(b >= self.branches or c not in (COND, UNCOND) for c, b in self.roles):
             raise LayoutError(f"Video roles {self.roles} do not fit {self.branches} branches.")
+        if self.present is not None and (not self.present or len(set(self.present)) != len(self.present)
+                                         or any(not 0 <= b < self.branches for b in self.present)):
+            raise LayoutError(f"present={self.present} must name distinct branches of {self.branches}.")
+
+    @property
+    def chunk_branches(self) -> tuple[int, ...]:
+        """The branches of every chunk, in row order."""
+        return self.present if self.present is not None else tuple(range(self.branches))
 
 
 @dataclass(frozen=True)
@@ -52,13 +62,15 @@ class BatchLayout:
     branches: int
     frames: int
     roles: Optional[tuple[tuple[int, int], ...]] = None
+    present: Optional[tuple[int, ...]] = None
 
     @property
     def video_roles(self) -> tuple[tuple[int, int], ...]:
         """(kind, branch) of every video, in row order."""
         if self.roles is not None:
             return self.roles
-        return tuple((c, b) for c in self.chunks for b in range(self.branches))
+        present = self.present if self.present is not None else tuple(range(self.branches))
+        return tuple((c, b) for c in self.chunks for b in present)
 
     @property
     def videos(self) -> int:
@@ -94,17 +106,18 @@ class BatchLayout:
             if [c for c, _ in spec.roles] != list(chunks) and cond_or_uncond:
                 raise LayoutError(f"cond_or_uncond={list(chunks)} does not match the sampler's video roles {list(spec.roles)}.")
         else:
-            layout = cls(chunks, spec.branches, spec.frames)
+            layout = cls(chunks, spec.branches, spec.frames, present=spec.present)
         if layout.rows != rows:
             raise LayoutError(
-                f"The UNet call has {rows} rows but the layout expects {len(chunks)} chunks × {spec.branches} "
+                f"The UNet call has {rows} rows but the layout expects {len(chunks)} chunks × {len(spec.chunk_branches)} "
                 f"branches × {spec.frames} frames = {layout.rows}. The sampler and the model disagree about the video."
             )
         return layout
 
     def video_slice(self, chunk: int, branch: int = 0) -> slice:
         """Rows of the video at position ``chunk`` (index into ``chunks``) and ``branch`` (grid layouts)."""
-        start = (chunk * self.branches + branch) * self.frames
+        present = self.present if self.present is not None else tuple(range(self.branches))
+        start = (chunk * len(present) + present.index(branch)) * self.frames
         return slice(start, start + self.frames)
 
     def chunk_positions(self, kind: int) -> list[int]:

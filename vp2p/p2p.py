@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -143,6 +143,13 @@ class P2PController(AttentionController):
     def needs_source(self, step: int) -> bool:
         """Whether the target rows read the source's conditional rows at ``step``."""
         return bool(self.alpha[step].any()) or step < self.self_until or self.blend is not None
+
+    def end_step(self, step: int, x_target: torch.Tensor, source_at: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """LocalBlend: outside the blend words' mask the target takes the source's latent of the level reached."""
+        if self.blend is None:
+            return x_target
+        self.blend.end_step()
+        return self.blend.blend(step, source_at(step + 1), x_target)
 
     def _step(self, call: AttentionCall) -> int:
         if call.sigmas is None:

@@ -81,10 +81,36 @@ def sigma_index(sigmas: torch.Tensor, sigma: torch.Tensor | float, rtol: float =
 
 
 # denoised = D(x, sigma_index): x in σ-space [B, C, h, w] -> x0 prediction [B, C, h, w]
-Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+# x [B, C, h, w] at step i (σ-space), i -> x0 prediction
+StepDenoiser = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-def ddim_sample(denoise: Denoiser, x: torch.Tensor, schedule: Schedule, callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+def ddim_step(x: torch.Tensor, denoised: torch.Tensor, s_cur: torch.Tensor | float, s_next: torch.Tensor | float) -> torch.Tensor:
+    """Deterministic DDIM from σ ``s_cur`` to ``s_next`` given the x0 prediction (= Euler in σ-space,
+    ComfyUI's ``euler`` sampler): x' = D + s_next·(x − D)/s_cur."""
+    return denoised + s_next * (x - denoised) / s_cur
+
+
+def folded_denoised(x: torch.Tensor, x_next: torch.Tensor, s_cur: torch.Tensor | float, s_next: torch.Tensor | float) -> torch.Tensor:
+    """The x0 prediction D with ``ddim_step(x, D, s_cur, s_next) == x_next``: how a GUIDER hands a sampler
+    a step whose result was changed after the step (a latent blend, the final rescale):
+    D = (s_cur·x_next − s_next·x)/(s_cur − s_next). Exact for Euler/DDIM."""
+    return (s_cur * x_next - s_next * x) / (s_cur - s_next)
+
+
+def to_data_scale(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """σ-space x -> the DDPM (data) scale: x/√(1+σ²)."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return x / torch.sqrt(1.0 + sigma**2)
+
+
+def to_sigma_space(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """DDPM-scale x -> σ-space at σ: x·√(1+σ²)."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return x * torch.sqrt(1.0 + sigma**2)
+
+
+def ddim_sample(denoise: StepDenoiser, x: torch.Tensor, schedule: Schedule, callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Deterministic DDIM (= Euler in σ-space) from ``sigmas[0]`` to ``sigmas[-1]``.
 
     x: [B, C, h, w] at σ_0 in σ-space -> the latent at the final sigma, rescaled to the
@@ -92,9 +118,7 @@ def ddim_sample(denoise: Denoiser, x: torch.Tensor, schedule: Schedule, callback
     """
     sig = schedule.sigmas.to(x.device)
     for i in range(schedule.steps):
-        d = denoise(x, i)
-        eps = (x - d) / sig[i]
-        x = d + eps * sig[i + 1]
+        x = ddim_step(x, denoise(x, i), sig[i], sig[i + 1])
         if callback is not None:
             callback(i, x)
-    return x / torch.sqrt(1.0 + sig[-1] ** 2)
+    return to_data_scale(x, sig[-1])
