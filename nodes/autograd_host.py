@@ -7,7 +7,8 @@ save. An *autograd clone* fixes that without writing a module other MODELs share
 * every weight and bias gets a ComfyUI weight wrapper (identity, or a caller's override
   such as "base + trainable delta"); with any wrapper present ComfyUI casts with
   ``copy=True`` on each forward, outside inference mode here, producing ordinary tensors;
-* bf16 compute on devices that support it (fp32 on CPU); whatever is optimised stays fp32;
+* bf16 compute on devices that support it, else fp32 (never fp16: no silent NaNs without loss
+  scaling; ``backward_dtype``); whatever is optimised stays fp32;
 * gradient checkpointing per spatial transformer, as a ``PatcherInjection`` (instance
   ``forward`` set on inject, removed on eject), so activation memory stays bounded.
 """
@@ -15,7 +16,7 @@ save. An *autograd clone* fixes that without writing a module other MODELs share
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -25,9 +26,13 @@ import torch.utils.checkpoint
 from .comfy_host import transformer_blocks
 
 CHECKPOINT_INJECTION_KEY = "vp2p_grad_checkpoint"
+# What a backward pass asks of ComfyUI's memory estimate, in forward batches: the activations that
+# gradient checkpointing keeps (one spatial transformer's at a time) plus the forward's peak. An
+# allowance, not a measurement: no GPU was available to measure it on.
+BACKWARD_MEMORY = 2.0
 
-# x_σ [B, C, h, w], σ [B], context [B, T, D] -> x0 [B, C, h, w]
-Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# the one protocol (vp2p.denoise.Denoiser): x_σ, σ, context[, kinds, run] -> x0
+Denoise = Callable[..., torch.Tensor]
 
 
 class AddDelta:
@@ -78,6 +83,15 @@ class _Checkpointing:
         self.modules.clear()
 
 
+def backward_dtype(device: Any, model_dtype: torch.dtype) -> torch.dtype:
+    """The compute dtype of backward passes: bf16 where the device has it (its range needs no loss
+    scaling), else the model's dtype — but never fp16, whose gradients overflow or underflow without
+    loss scaling (silent NaNs or zeros in the null-text and tuning losses): fp32 instead."""
+    if torch.device(device).type != "cpu" and comfy.model_management.should_use_bf16(device):
+        return torch.bfloat16
+    return torch.float32 if model_dtype == torch.float16 else model_dtype
+
+
 def make_autograd_clone(model: Any, clone: Optional[Any] = None,
                         overrides: Optional[Mapping[str, Callable[[torch.Tensor], torch.Tensor]]] = None) -> Any:
     """Prepare ``clone`` (default: a fresh ``model.clone()``) for backward passes.
@@ -87,8 +101,7 @@ def make_autograd_clone(model: Any, clone: Optional[Any] = None,
     """
     mp = model.clone() if clone is None else clone
     device = mp.load_device
-    if comfy.model_management.should_use_bf16(device) and torch.device(device).type != "cpu":
-        mp.set_model_compute_dtype(torch.bfloat16)
+    mp.set_model_compute_dtype(backward_dtype(device, mp.model_dtype()))
     blocks = transformer_blocks(mp)
     spatial = sorted({p.rsplit(".transformer_blocks.", 1)[0] for p in blocks.values()})
     ck = _Checkpointing(spatial)
@@ -120,14 +133,20 @@ def autograd(mp: Any) -> Iterator[None]:
 
 
 def denoiser(mp: Any, extra_options: Optional[dict] = None) -> Denoise:
-    """``denoise(x_σ, σ, context) -> x0`` through the MODEL's wrapper (eps and v alike), with
-    its patches and transformer options, as one conditional-only batch."""
+    """A ``vp2p.denoise.Denoiser`` straight on the MODEL's ``apply_model`` with a bare text embedding
+    (its patches and transformer options apply; the conditioning path does not): for tests that compare
+    the pack's stages, which go through ``comfy_call``, against plain UNet calls."""
+    from ..vp2p import RUN_STATE_KEY
+
     options = {**mp.model_options.get("transformer_options", {}), **(extra_options or {})}
 
-    def denoise(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, kinds: Optional[Sequence[int]] = None,
+                run: Optional[Any] = None) -> torch.Tensor:
         to = options.copy()
-        to["cond_or_uncond"] = [0]
+        to["cond_or_uncond"] = list(kinds or [0])
         to["sigmas"] = sigma
+        if run is not None:
+            to[RUN_STATE_KEY] = run
         return mp.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to)
 
     return denoise

@@ -6,7 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .guidance_nodes import BoxTrajectory, CrossAttentionGuidance
 from .invert_nodes import LoadInversion, NoiseInversion, NullTextInvert, SaveInversion
-from .p2p_nodes import AttentionMaps, DecoupledSampler, FateZeroController, P2PController
+from .p2p_nodes import AttentionMaps, DecoupledSampler, FateZeroController, P2PController, VideoP2PGuiderNode
 from .t2s_nodes import InflateT2S
 from .tune_nodes import LoadTunedT2S, TuneOnVideo
 
@@ -22,4 +22,4 @@ class VideoP2PExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [InflateT2S, TuneOnVideo, LoadTunedT2S, NullTextInvert, SaveInversion, LoadInversion,
                 P2PController, DecoupledSampler, AttentionMaps, BoxTrajectory, CrossAttentionGuidance,
-                NoiseInversion, FateZeroController]
+                NoiseInversion, FateZeroController, VideoP2PGuiderNode]

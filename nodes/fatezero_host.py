@@ -15,13 +15,14 @@ import torch
 
 from ..vp2p import SettingsError
 from ..vp2p.attention_store import check_store_matches
-from ..vp2p.edit import EditInputs, EditResult, Guidance, fused_edit
+from ..vp2p.edit import EditResult, Guidance, fused_edit
 from ..vp2p.fatezero import BlendLatent, FateZeroController, FateZeroEdit, FateZeroLatentBlend, check_store_covers
 from ..vp2p.inversion_file import Inversion
 from ..vp2p.local_blend import LocalBlendSpec
 from ..vp2p.prompt_align import split_words, word_positions
+from .comfy_call import Stage, bare_conditioning, run_stage
 from .comfy_host import get_state
-from .p2p_host import branch_denoiser, build_edit, check_consistency
+from .p2p_host import build_edit, check_consistency
 
 NODE = "FateZero Controller"
 
@@ -68,23 +69,29 @@ def check_fusion(model: Any, inversion: Inversion, control: FateZeroEdit) -> Non
 
 
 def run_fused(model: Any, inversion: Inversion, control: FateZeroEdit, cfg: float, guidance: Guidance,
-              callback: Optional[Callable[[int, torch.Tensor], None]] = None) -> tuple[EditResult, FateZeroController]:
-    """Denoise the target from z_T, fusing the stored source attention; results in model space."""
+              callback: Optional[Callable[[int, torch.Tensor], None]] = None, positive: Optional[list] = None,
+              negative: Optional[list] = None) -> tuple[EditResult, FateZeroController]:
+    """Denoise the target from z_T, fusing the stored source attention (the pack's own loop, through
+    ComfyUI's conditioning path); results in model space, data scale."""
+    from .edit_guider import edit_inputs
+
     check_fusion(model, inversion, control)
-    comfy.model_management.load_models_gpu([model])
-    device = model.load_device
-    denoise = branch_denoiser(model)
     sched = inversion.schedule
     latent_hw = tuple(inversion.latent_shape[-2:])
-    blend = (FateZeroLatentBlend(control.edit.blend, inversion.frames, latent_hw, sched.steps, control.blend_latent)
-             if control.edit.blend is not None else None)
-    controller = FateZeroController(control, inversion.attention, sched, latent_hw, blend)
-    inputs = EditInputs(
-        z_t=inversion.z_t.to(device), schedule=sched, cond=inversion.cond.to(device),
-        null_embeddings=None if inversion.null_embeddings is None else inversion.null_embeddings.to(device),
-        negative=(inversion.negative if inversion.negative is not None else inversion.cond).to(device), cfg=inversion.cfg)
+
+    def loop(stage: Stage) -> tuple[EditResult, FateZeroController]:
+        den = stage.denoiser()
+        blend = (FateZeroLatentBlend(control.edit.blend, inversion.frames, latent_hw, sched.steps, control.blend_latent)
+                 if control.edit.blend is not None else None)
+        controller = FateZeroController(control, inversion.attention, sched, latent_hw, blend)
+        inputs = edit_inputs(inversion, inversion.cond, cfg, stage.device)
+        result = fused_edit(den, inputs, inversion.trajectory.to(stage.device), control.edit.target_cond.to(stage.device), cfg,
+                            guidance, controller, on_step=callback,
+                            should_stop=comfy.model_management.throw_exception_if_processing_interrupted, combine=den.cfg)
+        return result, controller
+
+    negative_text = inversion.negative if inversion.negative is not None else inversion.cond
+    conds = {"positive": positive if positive is not None else bare_conditioning(control.edit.target_cond),
+             "negative": negative if negative is not None else bare_conditioning(negative_text)}
     with torch.inference_mode():
-        result = fused_edit(denoise, inputs, inversion.trajectory.to(device), control.edit.target_cond.to(device), cfg, guidance,
-                            controller, blend, on_step=callback,
-                            should_stop=comfy.model_management.throw_exception_if_processing_interrupted)
-    return result, controller
+        return run_stage(model, conds, torch.zeros(inversion.latent_shape), sched.sigmas, loop, memory_rows=2 * inversion.frames)

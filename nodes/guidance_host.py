@@ -20,12 +20,14 @@ from typing import Any, Optional
 import comfy.samplers
 import torch
 
-from ..vp2p import RUN_STATE_KEY, LayoutSpec, RunState, SettingsError, T2SSettings
+from ..vp2p import LayoutSpec, RunState, SettingsError, T2SSettings
 from ..vp2p.frame_attention import FrameMode
 from ..vp2p.guidance import WordMapRecorder, default_guided_steps, guided_update
+from ..vp2p.layout import COND
 from ..vp2p.schedule import sigma_index
 from ..vp2p.video_norm import NormScope
 from .autograd_host import make_autograd_clone
+from .comfy_call import ComfyDenoiser
 from .comfy_host import get_state, install, transformer_blocks
 
 log = logging.getLogger("VideoP2P")
@@ -75,14 +77,12 @@ class CrossAttentionGuider(comfy.samplers.CFGGuider):
         masks = self.masks.expand(frames, -1, -1) if self.masks.shape[0] == 1 else self.masks
         sigma = float(timestep.flatten()[0])
         recorder = WordMapRecorder(self.positions, tuple(x.shape[-2:]), self.factors, self.include_middle)
-        base = model_options.get("transformer_options", {})
+        # the conditional rows through ComfyUI's conditioning path: the positive's extras (ControlNet …) apply
+        den = ComfyDenoiser(self.inner_model, model_options, {COND: self.conds.get("positive")})
 
         def evaluate(xx: torch.Tensor, rec: WordMapRecorder) -> None:
-            to = dict(base)
-            to.update(cond_or_uncond=[0], sigmas=ts)
-            to[RUN_STATE_KEY] = RunState(rec, LayoutSpec(frames))
             ctx = self.context.to(xx.device).clone().expand(frames, -1, -1)  # an ordinary tensor: saved for backward
-            self.inner_model.apply_model(xx, ts, c_crossattn=ctx, transformer_options=to)
+            den(xx, ts, ctx, [COND], RunState(rec, LayoutSpec(frames)))
 
         with torch.inference_mode(False):
             x_in = x.detach().clone()

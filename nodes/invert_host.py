@@ -6,6 +6,9 @@ disk cache.
   ``latent_format.process_in(samples)``, and the trajectory is kept in that space (σ-scaled,
   as ComfyUI's samplers hold x), so ``process_out(z_T)`` is a LATENT that any sampler can
   start from with its noise disabled.
+* Every UNet call goes through ComfyUI's conditioning path (``comfy_call.run_stage``): the
+  positive CONDITIONING's extras (ControlNet, GLIGEN, hooks …) apply to every call, the negative's
+  to the null-text loop, whose optimised embedding replaces the negative's text rows.
 * Autograd: the optimising modes run on an autograd clone (``autograd_host``); the null
   embedding is fp32 whatever the UNet computes in. ``ddim_only`` and ``negative_prompt``
   need no gradient and run on the MODEL as given.
@@ -30,14 +33,15 @@ from typing import Any, Callable, Optional
 import comfy.model_management
 import torch
 
-from ..vp2p import RUN_STATE_KEY, LayoutSpec, RunState, SettingsError
+from ..vp2p import LayoutSpec, RunState, SettingsError
 from ..vp2p.attention_store import AttentionStore, AttentionStoreError, StoreLocation, StoreRecorder, StoreSpec, cond_digest, record_missing_steps
 from ..vp2p.disk_cache import load_or_compute
 from ..vp2p.fingerprint import fingerprint
 from ..vp2p.inversion import InversionMode, InversionSettings, ddim_invert, optimise_null_text
 from ..vp2p.inversion_file import FORMAT, Inversion, load_inversion, save_inversion
 from ..vp2p.schedule import Schedule
-from .autograd_host import autograd, denoiser, make_autograd_clone
+from .autograd_host import BACKWARD_MEMORY, autograd, make_autograd_clone
+from .comfy_call import Stage, run_stage
 from .comfy_host import check_latent, get_state
 from .model_facts import alphas_cumprod, conditioning_tensor, model_fingerprint, prediction_kind
 
@@ -88,20 +92,26 @@ def invert(model: Any, positive: list, negative: list, samples: torch.Tensor, se
         context = autograd(mp)
     else:
         mp = model
-        comfy.model_management.load_models_gpu([mp])
         context = nullcontext()
-    with context:
-        device = mp.load_device
+
+    def loop(stage: Stage) -> tuple[torch.Tensor, Any]:
+        den = stage.denoiser()
         # fresh, ordinary tensors: the executor's inference tensors cannot be saved for backward
-        x0 = mp.model.latent_format.process_in(samples.detach().clone().to(device, torch.float32))
-        cond = cond_in.detach().clone().to(device, torch.float32)
-        null_init = neg_in.detach().clone().to(device, torch.float32)
-        schedule = Schedule.reference(steps, alphas_cumprod(model))  # built here: ordinary tensors under autograd
-        den = denoiser(mp)
-        den_inv = den if store is None else recording_denoiser(mp, store, schedule, frames)
+        x0 = stage.latent.detach().clone().float()  # ComfyUI's process_latent_in (the model's latent scale)
+        cond = cond_in.detach().clone().to(stage.device, torch.float32)
+        null_init = neg_in.detach().clone().to(stage.device, torch.float32)
+        run = None if store is None else RunState(StoreRecorder(store, schedule), LayoutSpec(frames))
         with torch.no_grad():  # with a store, the inversion's own calls record every step
-            trajectory = ddim_invert(den_inv, x0, cond, schedule, should_stop=stop, on_step=inverted)
-        result = optimise_null_text(den, trajectory, cond, null_init, schedule, settings, on_step=optimised, should_stop=stop)
+            trajectory = ddim_invert(den, x0, cond, schedule, should_stop=stop, on_step=inverted, run=run)
+        result = optimise_null_text(den, trajectory, cond, null_init, schedule, settings, on_step=optimised, should_stop=stop,
+                                    combine=den.cfg)
+        return trajectory, result
+
+    with context:
+        schedule = Schedule.reference(steps, alphas_cumprod(model))  # built here: ordinary tensors under autograd
+        # one video (F rows) per UNet call; the null-text loop runs backward passes through it
+        trajectory, result = run_stage(mp, {"positive": positive, "negative": negative}, samples, schedule.sigmas, loop,
+                                       memory_rows=frames, backward_factor=BACKWARD_MEMORY if settings.mode.optimises else 1.0)
     if result.iterations:
         log.info("%s: %s, inner iterations per step %s (mean %.1f), last loss %.3g", NODE, settings.mode.value,
                  dict(sorted(Counter(result.iterations).items())), sum(result.iterations) / len(result.iterations), result.losses[-1])
@@ -115,19 +125,17 @@ def invert(model: Any, positive: list, negative: list, samples: torch.Tensor, se
     )
 
 
-def recording_denoiser(mp: Any, store: AttentionStore, schedule: Schedule, frames: int):
-    """A conditional-only denoiser whose attention calls record into ``store``."""
-    return denoiser(mp, {RUN_STATE_KEY: RunState(StoreRecorder(store, schedule), LayoutSpec(frames))})
-
-
-def record_for_cached(model: Any, inv: Inversion, store: AttentionStore) -> int:
+def record_for_cached(model: Any, positive: list, inv: Inversion, store: AttentionStore) -> int:
     """Record a store for an inversion that came from the cache: one UNet call per stored step,
     on its trajectory (exactly the latents the inversion evaluated). Returns the calls made."""
-    comfy.model_management.load_models_gpu([model])
-    device = model.load_device
-    with torch.no_grad():
-        return record_missing_steps(recording_denoiser(model, store, inv.schedule, inv.frames), inv.trajectory.to(device),
-                                    inv.cond.to(device), inv.schedule, store)
+
+    def loop(stage: Stage) -> int:
+        run = RunState(StoreRecorder(store, inv.schedule), LayoutSpec(inv.frames))
+        with torch.no_grad():
+            return record_missing_steps(stage.denoiser(), inv.trajectory.to(stage.device), inv.cond.to(stage.device), inv.schedule,
+                                        store, run)
+
+    return run_stage(model, {"positive": positive}, torch.zeros(inv.latent_shape), inv.schedule.sigmas, loop, memory_rows=inv.frames)
 
 
 def store_spec(model: Any, positive: list, frames: int, steps: int, fraction: float, max_tokens: int) -> StoreSpec:
@@ -178,7 +186,7 @@ def invert_cached(model: Any, positive: list, negative: list, samples: torch.Ten
                                save_inversion, NODE)
     if recording is not None:
         if hit:
-            calls = record_for_cached(model, inv, recording)
+            calls = record_for_cached(model, positive, inv, recording)
             log.info("%s: recorded the attention store on the cached inversion (%d UNet calls).", NODE, calls)
         store = recording.finish()
     if store is not None:

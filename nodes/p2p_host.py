@@ -1,9 +1,6 @@
 """Prompt-to-prompt in ComfyUI: tokenising with the connected CLIP's own tokenizer, building
-the ``P2PEdit`` (``VP2P_CONTROL``), and the decoupled sampler's UNet calls.
-
-The sampler composes its own batch (source/target × cond/uncond, explicit roles) and calls
-the MODEL's wrapper directly, so the T2S patch and the controller see the layout they need;
-ComfyUI's own patches on the MODEL (LoRA weights, other attention replaces) still apply.
+the ``P2PEdit`` (``VP2P_CONTROL``), the decoupled edit as the pack's own loop (``run_edit``) and
+the Attention Maps' one UNet call — both through ComfyUI's conditioning path (``comfy_call``).
 """
 
 from __future__ import annotations
@@ -14,12 +11,14 @@ from typing import Any, Callable, Optional
 import comfy.model_management
 import torch
 
-from ..vp2p import RUN_STATE_KEY, RunState, SettingsError
-from ..vp2p.edit import EditInputs, EditResult, Guidance, decoupled_edit
+from ..vp2p import LayoutSpec, RunState, SettingsError
+from ..vp2p.edit import EditResult, Guidance, decoupled_edit
 from ..vp2p.inversion_file import Inversion, check_fits
+from ..vp2p.layout import COND, SOURCE, TARGET
 from ..vp2p.local_blend import LocalBlend, LocalBlendSpec
 from ..vp2p.p2p import P2PController, P2PEdit, SelfReplace
 from ..vp2p.prompt_align import EditKind, TokenizedPrompt, parse_word_values, resolve_kind, reweight_vector, split_words, tokenize_prompt, word_positions
+from .comfy_call import Stage, bare_conditioning, run_stage
 from .model_facts import model_fingerprint
 
 log = logging.getLogger("VideoP2P")
@@ -97,41 +96,34 @@ def check_consistency(model: Any, inversion: Inversion, edit: P2PEdit) -> None:
         )
 
 
-def branch_denoiser(model: Any) -> Callable[..., torch.Tensor]:
-    """The sampler's ``BranchDenoise`` on a MODEL: rows it composed, one ``cond_or_uncond`` entry per
-    video, its run state in the transformer options (the MODEL's own patches and options still apply)."""
-    base_options = model.model_options.get("transformer_options", {})
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, cond_or_uncond: list[int], run: RunState) -> torch.Tensor:
-        to = base_options.copy()
-        to["cond_or_uncond"] = list(cond_or_uncond)
-        to["sigmas"] = sigma
-        to[RUN_STATE_KEY] = run
-        return model.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to)
-
-    return denoise
-
-
 def run_edit(model: Any, inversion: Inversion, edit: P2PEdit, cfg: float, guidance: Guidance, reuse: bool = True,
-             callback: Optional[Callable[[int, torch.Tensor], None]] = None) -> tuple[EditResult, Optional[LocalBlend]]:
-    """Run the decoupled sampler on ``model``; returns the result (model space) and the blend used."""
+             callback: Optional[Callable[[int, torch.Tensor], None]] = None, positive: Optional[list] = None,
+             negative: Optional[list] = None) -> tuple[EditResult, Optional[LocalBlend]]:
+    """The decoupled edit as the pack's own loop (``vp2p.edit.decoupled_edit``: the result of the last step
+    exactly as computed, e.g. the source itself outside a LocalBlend mask), through ComfyUI's conditioning
+    path. Returns the result (model space, data scale) and the blend used. The Decoupled Sampler node runs the
+    same steps as a GUIDER under ComfyUI's euler sampler (``edit_guider``)."""
+    from .edit_guider import edit_inputs
+
     frames = inversion.frames
-    comfy.model_management.load_models_gpu([model])
-    device = model.load_device
-    denoise = branch_denoiser(model)
     sched = inversion.schedule
-    source_cond = edit.source_cond if inversion.generated else inversion.cond
-    inputs = EditInputs(
-        z_t=inversion.z_t.to(device), schedule=sched, cond=source_cond.to(device),
-        null_embeddings=None if inversion.null_embeddings is None else inversion.null_embeddings.to(device),
-        negative=(inversion.negative if inversion.negative is not None else inversion.cond).to(device),
-        cfg=cfg if inversion.generated else inversion.cfg, source_path=None if inversion.source_path is None else inversion.source_path.to(device))
-    blend = LocalBlend(edit.blend, frames, tuple(inversion.latent_shape[-2:]), sched.steps) if edit.blend is not None else None
-    controller = P2PController(edit, sched, blend)
+
+    def loop(stage: Stage) -> tuple[EditResult, Optional[LocalBlend]]:
+        den = stage.denoiser()
+        source_cond = edit.source_cond if inversion.generated else inversion.cond
+        inputs = edit_inputs(inversion, source_cond, cfg, stage.device)
+        blend = LocalBlend(edit.blend, frames, tuple(inversion.latent_shape[-2:]), sched.steps) if edit.blend is not None else None
+        controller = P2PController(edit, sched, blend)
+        result = decoupled_edit(den, inputs, edit.target_cond.to(stage.device), cfg, guidance, controller, reuse=reuse,
+                                on_step=callback, should_stop=comfy.model_management.throw_exception_if_processing_interrupted,
+                                combine=den.cfg)
+        return result, blend
+
+    negative_text = inversion.negative if inversion.negative is not None else inversion.cond
+    conds = {"positive": positive if positive is not None else bare_conditioning(edit.target_cond),
+             "negative": negative if negative is not None else bare_conditioning(negative_text)}
     with torch.inference_mode():
-        result = decoupled_edit(denoise, inputs, edit.target_cond.to(device), cfg, guidance, controller, blend, reuse=reuse,
-                                on_step=callback, should_stop=comfy.model_management.throw_exception_if_processing_interrupted)
-    return result, blend
+        return run_stage(model, conds, torch.zeros(inversion.latent_shape), sched.sigmas, loop, memory_rows=4 * frames)
 
 
 def word_maps(model: Any, inversion: Inversion, edit: P2PEdit, at_step: float, source_words: list[str],
@@ -141,8 +133,6 @@ def word_maps(model: Any, inversion: Inversion, edit: P2PEdit, at_step: float, s
     Returns (maps [2, F, h, w] normalised per prompt and frame, mask [F, h, w] of their union)."""
     from dataclasses import replace
 
-    from ..vp2p.layout import COND, LayoutSpec
-
     sched = inversion.schedule
     step = min(sched.steps - 1, max(0, int(at_step * sched.steps)))
     spec = LocalBlendSpec(tuple(word_positions(edit.source, source_words, "source_word", "source")),
@@ -151,21 +141,20 @@ def word_maps(model: Any, inversion: Inversion, edit: P2PEdit, at_step: float, s
     plain = replace(edit, cross_replace=0.0, self_replace=0.0, cross_words={}, reweight=None, blend=spec)
     blend = LocalBlend(spec, inversion.frames, tuple(inversion.latent_shape[-2:]), sched.steps)
     controller = P2PController(plain, sched, blend)
-    comfy.model_management.load_models_gpu([model])
-    device = model.load_device
     path = inversion.source_path if inversion.source_path is not None else inversion.trajectory
     if inversion.generated:  # only z_T exists: look at the first step
         step = 0
-    x = path[step].to(device)
     frames = inversion.frames
-    x_in = torch.cat([x, x])
-    context = torch.cat([edit.source_cond.expand(frames, -1, -1), edit.target_cond.expand(frames, -1, -1)]).to(device)
-    sigma = sched.sigmas[step].to(device).expand(2 * frames)
-    to = model.model_options.get("transformer_options", {}).copy()
-    to.update(cond_or_uncond=[COND, COND], sigmas=sigma)
-    to[RUN_STATE_KEY] = RunState(controller, LayoutSpec(frames, 2, ((COND, 0), (COND, 1))))
+
+    def loop(stage: Stage) -> None:
+        x = path[step].to(stage.device)
+        context = torch.cat([edit.source_cond.expand(frames, -1, -1), edit.target_cond.expand(frames, -1, -1)]).to(stage.device)
+        run = RunState(controller, LayoutSpec(frames, 2, ((COND, SOURCE), (COND, TARGET))))
+        stage.denoiser()(torch.cat([x, x]), sched.sigmas[step].to(stage.device).expand(2 * frames), context, [COND, COND], run)
+
     with torch.inference_mode():
-        model.model.apply_model(x_in, sigma, c_crossattn=context, transformer_options=to)
+        run_stage(model, {"positive": bare_conditioning(edit.source_cond)}, torch.zeros(inversion.latent_shape), sched.sigmas, loop,
+                  memory_rows=2 * frames)
     blend.end_step()
     maps = blend.maps()
     if maps is None:

@@ -170,6 +170,64 @@ class FateZeroController(io.ComfyNode):
         return io.NodeOutput(fz)
 
 
+EDIT_INPUT_HELP = {
+    "model": "The MODEL the video was inverted with (checked).",
+    "inversion": "From 'Shared Null-Text Invert' or 'Load Inversion'.",
+    "control": "From 'P2P Controller', or 'FateZero Controller' (then only the target is denoised, from the inversion's "
+               "attention store).",
+    "cfg": "Guidance scale of the target branch (the source uses the inversion's).",
+    "positive": "Optional CONDITIONING whose extras apply to the conditional rows of both branches: a ControlNet / "
+                "T2I-Adapter (Apply ControlNet: its hint is broadcast to source and target), GLIGEN, hooks, a timestep "
+                "range. Its text is not used: the prompts are the controller's (connect the target prompt's encoding).",
+    "negative": "Optional CONDITIONING whose extras apply to the unconditional rows of both branches (Apply ControlNet's "
+                "negative output). Its text is not used: the null embeddings are the inversion's.",
+}
+
+
+def _edit_inputs() -> list:
+    return [
+        io.Model.Input("model", tooltip=EDIT_INPUT_HELP["model"]),
+        Inversion.Input("inversion", tooltip=EDIT_INPUT_HELP["inversion"]),
+        Control.Input("control", tooltip=EDIT_INPUT_HELP["control"]),
+        io.Float.Input("cfg", default=7.5, min=1.0, max=100.0, step=0.1, round=0.01, tooltip=EDIT_INPUT_HELP["cfg"]),
+        io.Combo.Input("guidance", options=[g.value for g in Guidance], default=Guidance.DECOUPLED.value, tooltip=GUIDANCE_HELP),
+        io.Conditioning.Input("positive", optional=True, tooltip=EDIT_INPUT_HELP["positive"]),
+        io.Conditioning.Input("negative", optional=True, tooltip=EDIT_INPUT_HELP["negative"]),
+    ]
+
+
+def _guider(model, inversion, control, cfg: float, guidance: str, positive=None, negative=None):
+    from .edit_guider import VideoP2PGuider
+
+    return VideoP2PGuider(model, inversion, control, float(cfg), Guidance.parse(guidance), positive, negative)
+
+
+class VideoP2PGuiderNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VP2P_Guider",
+            display_name="Video-P2P Guider",
+            category="video_p2p/edit",
+            description=(
+                "The edit as a GUIDER for SamplerCustomAdvanced: connect its sigmas and start latent to the sampler, with "
+                "Disable Noise and the euler sampler (exactly the Decoupled Sampler's result; other samplers evaluate the "
+                "same steps and integrate the target their own way). Prompt-to-prompt or FateZero, by the control."
+            ),
+            inputs=_edit_inputs(),
+            outputs=[
+                io.Guider.Output("guider", tooltip="For SamplerCustomAdvanced."),
+                io.Sigmas.Output("sigmas", tooltip="The inversion's sigmas: the steps the edit runs on."),
+                io.Latent.Output("start", tooltip="The inverted noise z_T: the sampler's latent_image (with Disable Noise)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion, control, cfg: float, guidance: str, positive=None, negative=None) -> io.NodeOutput:
+        guider = _guider(model, inversion, control, cfg, guidance, positive, negative)
+        return io.NodeOutput(guider, guider.sigmas, guider.start_latent())
+
+
 class DecoupledSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -180,18 +238,10 @@ class DecoupledSampler(io.ComfyNode):
             description=(
                 "Edits the video: DDIM from the inverted noise over the inversion's steps, source and target branches in "
                 "one UNet call per step, the controller editing the target's attention from the source's. The source branch "
-                "is taken from the inversion where it already holds it."
+                "is taken from the inversion where it already holds it. The 'Video-P2P Guider' with SamplerCustomAdvanced "
+                "and euler, in one node."
             ),
-            inputs=[
-                io.Model.Input("model", tooltip="The MODEL the video was inverted with (checked)."),
-                Inversion.Input("inversion", tooltip="From 'Shared Null-Text Invert' or 'Load Inversion'."),
-                Control.Input("control", tooltip="From 'P2P Controller', or 'FateZero Controller' (then only the target is "
-                                                 "denoised, from the inversion's attention store)."),
-                io.Float.Input("cfg", default=7.5, min=1.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance scale of the target branch (the source uses the inversion's)."),
-                io.Combo.Input("guidance", options=[g.value for g in Guidance], default=Guidance.DECOUPLED.value,
-                               tooltip=GUIDANCE_HELP),
-            ],
+            inputs=_edit_inputs(),
             outputs=[
                 io.Latent.Output("edited", tooltip="The edited video (VAE Decode it)."),
                 io.Latent.Output("source", tooltip="The source branch: the reconstruction of the input video."),
@@ -199,35 +249,17 @@ class DecoupledSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, inversion, control, cfg: float, guidance: str) -> io.NodeOutput:
-        import latent_preview
+    def execute(cls, model, inversion, control, cfg: float, guidance: str, positive=None, negative=None) -> io.NodeOutput:
+        import comfy.samplers
+        from comfy_extras.nodes_custom_sampler import Noise_EmptyNoise, SamplerCustomAdvanced
 
-        from ..vp2p import SettingsError
-        from ..vp2p.fatezero import FateZeroEdit
-        from ..vp2p.inversion_file import Inversion as InversionData
-        from ..vp2p.p2p import P2PEdit
-        from .p2p_host import check_consistency, run_edit
-
-        if not isinstance(inversion, InversionData):
-            raise SettingsError(f"inversion must come from 'Shared Null-Text Invert' or 'Load Inversion'; got {type(inversion).__name__}.")
-        mode = Guidance.parse(guidance)
-        preview = latent_preview.prepare_callback(model, inversion.schedule.steps)
-        fmt = model.model.latent_format
-        if isinstance(control, FateZeroEdit):
-            from .fatezero_host import run_fused
-
-            result, _ = run_fused(model, inversion, control, float(cfg), mode,
-                                  callback=lambda i, x: preview(i, x, x, inversion.schedule.steps))
-            return io.NodeOutput({"samples": fmt.process_out(result.edited.cpu())}, {"samples": fmt.process_out(result.source.cpu())})
-        if not isinstance(control, P2PEdit):
-            raise SettingsError(f"control must come from 'P2P Controller' or 'FateZero Controller'; got {type(control).__name__}.")
-        check_consistency(model, inversion, control)
-        if mode is not Guidance.FAST and inversion.null_embeddings is None:
+        guider = _guider(model, inversion, control, cfg, guidance, positive, negative)
+        if not guider.fused and Guidance.parse(guidance) is not Guidance.FAST and inversion.null_embeddings is None:
             log.info("Decoupled Sampler: a %s inversion has no null embeddings; the source branch runs conditional only.",
                      inversion.mode.value)
-        result, _ = run_edit(model, inversion, control, float(cfg), mode,
-                             callback=lambda i, x: preview(i, x, x, inversion.schedule.steps))
-        return io.NodeOutput({"samples": fmt.process_out(result.edited.cpu())}, {"samples": fmt.process_out(result.source.cpu())})
+        out = SamplerCustomAdvanced.execute(Noise_EmptyNoise(), guider, comfy.samplers.sampler_object("euler"), guider.sigmas,
+                                            guider.start_latent())
+        return io.NodeOutput(out.result[0], guider.source_latent())
 
 
 class AttentionMaps(io.ComfyNode):

@@ -26,7 +26,8 @@ import torch
 from ..vp2p import LayerKey, VP2PError
 from ..vp2p.tuned_file import TunedWeights
 from ..vp2p.tuning import TuneSettings, trainable_temporal_parameters, tune
-from .autograd_host import AddDelta, autograd, denoiser, make_autograd_clone
+from .autograd_host import BACKWARD_MEMORY, AddDelta, autograd, make_autograd_clone
+from .comfy_call import Stage, run_stage
 from .comfy_host import T2SState, get_state, install
 from .model_facts import alphas_cumprod, conditioning_tensor, prediction_kind
 
@@ -64,17 +65,21 @@ def tune_weights(model: Any, positive: list, latents: torch.Tensor, settings: Tu
     losses: list[float] = []
     # the temporal layers' projections train, their LayerNorms stay frozen (the reference's set)
     params = list(deltas.values()) + (trainable_temporal_parameters(bank) if bank is not None else [])
+    def on_step(step: int, loss: float) -> None:
+        if progress is not None:
+            progress(step + 1, settings.steps, loss)
+
+    def loop(stage: Stage) -> list[float]:
+        # the model's latent scale (ComfyUI's process_latent_in), as Tune-A-Video trains on VAE latents × 0.18215
+        x0 = stage.latent.detach().clone().float()
+        cond = cond_in.detach().clone().to(stage.device)
+        return tune(stage.denoiser(), x0, cond, params, alphas_cumprod(mp), settings, prediction=prediction_kind(mp, "Tune on Video"),
+                    on_step=on_step, should_stop=comfy.model_management.throw_exception_if_processing_interrupted)
+
     try:
         with autograd(mp):
-            x0 = latents.detach().clone().to(device, torch.float32)
-            cond = cond_in.detach().clone().to(device)
-
-            def on_step(step: int, loss: float) -> None:
-                if progress is not None:
-                    progress(step + 1, settings.steps, loss)
-
-            losses = tune(denoiser(mp), x0, cond, params, alphas_cumprod(mp), settings, prediction=prediction_kind(mp, "Tune on Video"),
-                          on_step=on_step, should_stop=comfy.model_management.throw_exception_if_processing_interrupted)
+            sigmas = mp.get_model_object("model_sampling").sigmas.detach().float().cpu()[[-1, 0]].clone()
+            losses = run_stage(mp, {"positive": positive}, latents, sigmas, loop, memory_rows=frames, backward_factor=BACKWARD_MEMORY)
     finally:
         for d in params:
             d.requires_grad_(False)

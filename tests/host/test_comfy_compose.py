@@ -25,8 +25,7 @@ def clip(comfy_path):
 
 class ForeignPatch:
     """What an IPAdapter-like node installs: a replace on every attn1/attn2 key that adds to the attention.
-    Records, per call, the layer and the rows it sees against the rows of the whole call (one
-    cond_or_uncond entry per video of ``frames`` rows)."""
+    Records, per call, the layer and the rows it sees against the rows of the whole UNet call."""
 
     def __init__(self, frames: int):
         self.frames = frames
@@ -37,7 +36,7 @@ class ForeignPatch:
             import comfy.ldm.modules.attention as attention
 
             key = (*extra_options["block"], extra_options["block_index"])
-            self.calls.append((kind, key, q.shape[0], len(extra_options["cond_or_uncond"]) * self.frames))
+            self.calls.append((kind, key, q.shape[0], int(extra_options["original_shape"][0])))  # the UNet call's batch
             return attention.optimized_attention(q, k, v, extra_options["n_heads"]) + BIAS
 
         return replace

@@ -87,14 +87,15 @@ def test_reuse_equals_full_and_local_blend_is_exact_outside(pack, edited_setup, 
         full, blend = host.run_edit(model, inv, edit, 7.5, guidance, reuse=False)
         reused, _ = host.run_edit(model, inv, edit, 7.5, guidance, reuse=True)
     torch.testing.assert_close(reused.edited, full.edited, atol=1e-4, rtol=1e-4)
-    assert full.rows == [4 * FRAMES] * STEPS and reused.rows == [3 * FRAMES] * STEPS
+    # every chunk holds the same branches through calc_cond_batch: 4F rows while the source is read (blending: always)
+    assert full.rows == [4 * FRAMES] * STEPS and reused.rows == [4 * FRAMES] * STEPS
     m = blend.last_mask.expand_as(full.edited)
     assert 0 < m.sum() < m.numel()
     assert torch.equal(full.edited[~m.cpu()], full.source[~m.cpu()])
     plain = controller(pack, clip, cross_replace=0.4, self_replace=0.0)
     with torch.inference_mode():
         res, _ = host.run_edit(model, inv, plain, 7.5, guidance, reuse=True)
-    assert res.rows == [3 * FRAMES] + [2 * FRAMES] * (STEPS - 1)  # source rows only while cross-attention is replaced
+    assert res.rows == [4 * FRAMES] + [2 * FRAMES] * (STEPS - 1)  # source rows only while cross-attention is replaced
 
 
 def test_same_edit_as_the_diffusers_host(pack, small_models, edited_setup, clip):

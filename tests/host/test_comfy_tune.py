@@ -87,8 +87,11 @@ def test_first_training_loss_matches_the_diffusers_host(pack, small_models):
     unet, base = small_models
     _, comfy_losses = run_tune(pack, inflated(pack, base), steps=1, seed=2)
     latents, cond = video()
+    # a LATENT holds VAE latents; the model trains on them in its latent scale (× 0.18215 for SD1.x), as Tune-A-Video does
+    scaled = base.model.latent_format.process_in(latents)
+    assert base.model.latent_format.scale_factor == 0.18215
     with DiffusersT2S(unet, T2SSettings(FrameMode.FIRST_FRAME, True)) as host:
-        d_losses = tune_diffusers(host, latents, cond, sd_alphas_cumprod(), TuneSettings(steps=1, learning_rate=1e-4, seed=2))
+        d_losses = tune_diffusers(host, scaled, cond, sd_alphas_cumprod(), TuneSettings(steps=1, learning_rate=1e-4, seed=2))
     assert abs(comfy_losses[0] - d_losses[0]) <= 1e-4 * max(1.0, d_losses[0])
 
 

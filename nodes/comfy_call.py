@@ -1,0 +1,204 @@
+"""Every UNet evaluation of the pack through ComfyUI's own conditioning path.
+
+A stage of the pack (DDIM inversion and null-text, the edit, tuning, attention maps) runs as the
+*sampler* of a ``comfy.samplers.CFGGuider`` (``run_stage``): ComfyUI prepares everything as it does
+for a KSampler — the conds converted and processed (area, mask, timestep range, the model's extra
+conds such as SDXL's pooled/size embedding), hooks registered, ControlNets/T2I-Adapters/GLIGEN loaded
+and cleaned up, the MODEL's wrappers and callbacks merged, the model loaded with a memory estimate for
+the rows the stage really runs (partial loading on small cards) — and the stage's loop evaluates the
+UNet with ``ComfyDenoiser``:
+
+* each video of a call becomes a cond of the user's CONDITIONING (every extra kept), its text rows
+  replaced by the stage's (the prompt-to-prompt rows, the optimised null embedding of a step);
+* ``calc_cond_batch`` runs them (``model_function_wrapper``, ``calc_cond_batch`` wrappers, the
+  context handler, ``sampler_calc_cond_batch_function``): slot 0 the conditional videos, slot 1 the
+  unconditional ones, one latent batch holding each branch's rows (``LayoutSpec.present``);
+* guidance combines through ``sampler_pre_cfg_function`` and ``cfg_function`` (``sampler_cfg_function``,
+  post-CFG functions), as ``sampling_function`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional, Sequence, TypeVar
+
+import comfy.conds
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.samplers
+import torch
+
+from ..vp2p import RUN_STATE_KEY, LayoutError, LayoutSpec, RunState, SettingsError
+from ..vp2p.layout import COND, UNCOND
+
+log = logging.getLogger("VideoP2P")
+
+T = TypeVar("T")
+MEMORY_WRAPPER_KEY = "vp2p_stage_memory"
+SLOTS = (COND, UNCOND)  # calc_cond_batch's slot index is the kind: cond_or_uncond then reads as COND/UNCOND
+
+
+def bare_conditioning(text: torch.Tensor) -> list:
+    """A CONDITIONING with only a text embedding [1|F, T, D] (no extras), for a stage given none."""
+    return [[text, {}]]
+
+
+def with_text(conds: Sequence[dict], text: torch.Tensor) -> list[dict]:
+    """Processed cond dicts with their text rows replaced by ``text`` [R, T, D]; every other entry
+    (control, gligen, area, mask, hooks, timestep range, the model's other extra conds) is kept."""
+    out = []
+    for c in conds:
+        d = dict(c)
+        model_conds = dict(d.get("model_conds", {}))
+        model_conds["c_crossattn"] = comfy.conds.CONDCrossAttn(text)
+        d["model_conds"] = model_conds
+        d["cross_attn"] = text
+        out.append(d)
+    return out
+
+
+class ComfyDenoiser:
+    """The ``vp2p.denoise.Denoiser`` and ``Combine`` of a stage running inside ``run_stage``.
+
+    ``templates``: the processed cond dicts of each kind (the user's positive for ``COND``, negative for
+    ``UNCOND``). Videos of one branch share their latent (they are one branch's rows under different
+    conditioning), so the call's latent batch holds each branch once; every kind must hold the same
+    branches (``calc_cond_batch`` evaluates one latent batch under every slot)."""
+
+    def __init__(self, model: Any, model_options: dict, templates: dict[int, Optional[list[dict]]]) -> None:
+        self.model = model
+        self.model_options = model_options
+        self.templates = templates
+        self.calls = 0
+
+    def _template(self, kind: int) -> list[dict]:
+        conds = self.templates.get(kind)
+        if not conds:
+            raise SettingsError(f"This stage has no {'positive' if kind == COND else 'negative'} CONDITIONING to evaluate the "
+                                "UNet with; connect one.")
+        return conds
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, kinds: Optional[Sequence[int]] = None,
+                 run: Optional[RunState] = None) -> torch.Tensor:
+        layout = run.layout if run is not None else None
+        videos = len(kinds) if kinds else (len(layout.roles) if layout is not None and layout.roles else 1)
+        frames = layout.frames if layout is not None else x.shape[0] // videos
+        if layout is not None and layout.roles is not None:
+            roles = tuple(layout.roles)
+        else:
+            roles = tuple((int(k), 0) for k in (kinds or [COND] * videos))
+        if context.shape[0] == 1 and x.shape[0] > 1:  # one text for every row
+            context = context.expand(x.shape[0], *context.shape[1:])
+        if len(roles) * frames != x.shape[0]:
+            raise LayoutError(f"{x.shape[0]} rows do not hold {len(roles)} videos of {frames} frames.")
+        branches = sorted({b for _, b in roles})
+        latent_of: dict[int, torch.Tensor] = {}
+        text_of: dict[tuple[int, int], torch.Tensor] = {}
+        for n, role in enumerate(roles):
+            rows = slice(n * frames, (n + 1) * frames)
+            latent_of.setdefault(role[1], x[rows])
+            text_of[role] = context[rows]
+        x_in = torch.cat([latent_of[b] for b in branches])
+        slots: list[Optional[list[dict]]] = [None, None]
+        for kind in SLOTS:
+            held = [b for k, b in roles if k == kind]
+            if not held:
+                continue
+            if sorted(held) != branches:
+                raise LayoutError(f"The {'conditional' if kind == COND else 'unconditional'} videos hold branches {sorted(held)}, the "
+                                  f"call {branches}: through ComfyUI every kind must hold the same branches.")
+            slots[kind] = with_text(self._template(kind), torch.cat([text_of[(kind, b)] for b in branches]))
+        spec = LayoutSpec(frames, max(branches) + 1, present=tuple(branches))
+        options = dict(self.model_options)
+        options["transformer_options"] = {**self.model_options.get("transformer_options", {}),
+                                           RUN_STATE_KEY: RunState(run.controller if run is not None else None, spec)}
+        sigma_in = sigma.reshape(-1)[:1].expand(x_in.shape[0]).to(x_in)
+        custom = options.get("sampler_calc_cond_batch_function")
+        if custom is not None:
+            out = custom({"conds": slots, "input": x_in, "sigma": sigma_in, "model": self.model, "model_options": options})
+        else:
+            out = comfy.samplers.calc_cond_batch(self.model, slots, x_in, sigma_in, options)
+        self.calls += 1
+        result = []
+        for kind, branch in roles:
+            pos = branches.index(branch)
+            result.append(out[kind][pos * frames:(pos + 1) * frames])
+        return torch.cat(result)
+
+    def cfg(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Guidance as ``sampling_function`` combines it: pre-CFG functions, then ``cfg_function``."""
+        sig = sigma.reshape(-1)[:1].expand(x.shape[0]).to(x)
+        conds = [self.templates.get(COND), self.templates.get(UNCOND)]
+        out = [cond, uncond]
+        for fn in self.model_options.get("sampler_pre_cfg_function", []):
+            out = fn({"conds": conds, "conds_out": out, "cond_scale": scale, "timestep": sig, "input": x, "sigma": sig,
+                      "model": self.model, "model_options": self.model_options})
+        return comfy.samplers.cfg_function(self.model, out[0], out[1], scale, x, sig, model_options=self.model_options,
+                                           cond=conds[0], uncond=conds[1])
+
+
+class Stage:
+    """What a stage's loop gets inside ComfyUI's sampling setup."""
+
+    def __init__(self, guider: "StageGuider", model_options: dict, latent: torch.Tensor, sigmas: torch.Tensor) -> None:
+        self.guider = guider
+        self.model = guider.inner_model  # the BaseModel (apply_model, latent format, model sampling)
+        self.model_options = model_options
+        self.latent = latent  # the stage's latent after ComfyUI's process_latent_in (zeros are left as they are)
+        self.sigmas = sigmas
+        self.device = guider.model_patcher.load_device
+
+    def conds(self, name: str) -> Optional[list[dict]]:
+        return self.guider.conds.get(name)
+
+    def denoiser(self, cond: str = "positive", uncond: str = "negative") -> ComfyDenoiser:
+        return ComfyDenoiser(self.model, self.model_options, {COND: self.conds(cond), UNCOND: self.conds(uncond)})
+
+
+class _StageSampler(comfy.samplers.Sampler):
+    """Runs a stage's loop where a sampler would run; its result is kept, not returned to the guider."""
+
+    def __init__(self, loop: Callable[[Stage], Any]) -> None:
+        self.loop = loop
+        self.result: Any = None
+
+    def sample(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict, callback: Any, noise: torch.Tensor,
+               latent_image: Optional[torch.Tensor] = None, denoise_mask: Any = None, disable_pbar: bool = False) -> torch.Tensor:
+        self.result = self.loop(Stage(model_wrap, extra_args["model_options"], latent_image, sigmas))
+        return latent_image
+
+
+def estimate_memory_for(model_options: dict, rows: int) -> None:
+    """Make ComfyUI's model loading estimate memory for ``rows`` UNet rows at once (a ``PREPARE_SAMPLING``
+    wrapper in ``model_options``): its own estimate assumes cond + uncond of one latent batch, while a
+    stage runs its own row count (the edit: uncond and cond of two branches)."""
+
+    def memory(executor: Any, model: Any, noise_shape: Any, conds: Any, *args: Any, **kwargs: Any) -> Any:
+        shape = [max(1, (rows + 1) // 2)] + list(noise_shape[1:])  # prepare_sampling estimates for 2 × the batch
+        return executor(model, shape, conds, *args, **kwargs)
+
+    comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, MEMORY_WRAPPER_KEY, memory,
+                                                 model_options, is_model_options=True)
+
+
+class StageGuider(comfy.samplers.CFGGuider):
+    """A ``CFGGuider`` whose sampling run is one of the pack's stages; ``memory_rows``: the UNet rows the
+    stage runs at once (× ``backward_factor`` when it runs backward passes), for ComfyUI's memory estimate."""
+
+    def __init__(self, model_patcher: Any, memory_rows: int, backward_factor: float = 1.0) -> None:
+        super().__init__(model_patcher)
+        self.model_options = comfy.model_patcher.create_model_options_clone(model_patcher.model_options)
+        estimate_memory_for(self.model_options, max(1, int(round(memory_rows * backward_factor))))
+
+
+def run_stage(model_patcher: Any, conds: dict[str, list], latent: torch.Tensor, sigmas: torch.Tensor, loop: Callable[[Stage], T],
+              memory_rows: int, backward_factor: float = 1.0) -> T:
+    """Run ``loop(stage)`` inside ComfyUI's sampling setup for ``model_patcher`` with the CONDITIONING
+    ``conds`` (e.g. ``{"positive": …, "negative": …}``). ``latent`` [F, C, h, w] (model space; the stage
+    sees it after ``process_latent_in``) gives the conds their size; ``sigmas`` the run's schedule."""
+    guider = StageGuider(model_patcher, memory_rows, backward_factor)
+    guider.inner_set_conds({k: v for k, v in conds.items() if v is not None})
+    sampler = _StageSampler(loop)
+    latent = latent.float()
+    guider.sample(torch.zeros_like(latent), latent, sampler, sigmas.float().cpu(), disable_pbar=True, seed=0)
+    return sampler.result
