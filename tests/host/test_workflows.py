@@ -28,6 +28,11 @@ CN_NAME = "vp2p_random_controlnet_sd15.safetensors"
 # 3 frames: the smallest video on which first-frame, sparse-causal and middle-frame attention all differ.
 FRAMES = 3
 RUN_TIMEOUT_S = 240.0
+# Workflows that need pack features not merged yet: expected to fail (not strictly) until they land.
+# Remove an entry as soon as its feature is in, so the workflow is checked for real.
+PENDING: dict[str, str] = {
+    "video_p2p_controlnet_edit": "Decoupled Sampler positive/negative inputs pending",
+}
 
 # Literal inputs overridden by node type so a workflow runs in seconds on a CPU: every node still does its
 # work (a tuning step, a null-text iteration per step), the least of it.
@@ -249,13 +254,19 @@ def _frames(path: Path) -> int:
         return getattr(im, "n_frames", 1)
 
 
+def _workflow_params(paths: list[Path]) -> list:
+    """One pytest param per workflow; those in :data:`PENDING` marked xfail (not strict)."""
+    return [pytest.param(p, id=p.stem, marks=[pytest.mark.xfail(strict=False, reason=PENDING[p.stem])] if p.stem in PENDING else [])
+            for p in paths]
+
+
 def test_random_controlnet_is_offered_by_the_server(comfy_client: ComfyClient):
     """The server reads the random ControlNet's folder: its ControlNetLoader lists the file."""
     options = comfy_client.object_info()["ControlNetLoader"]["input"]["required"]["control_net_name"][0]
     assert CN_NAME in options, f"the server's ControlNetLoader offers {options}"
 
 
-@pytest.mark.parametrize("workflow_path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+@pytest.mark.parametrize("workflow_path", _workflow_params(WORKFLOWS))
 def test_example_workflow_runs(workflow_path: Path, comfy_client: ComfyClient):
     workflow = json.loads(workflow_path.read_text(encoding="utf-8"))
     object_info = comfy_client.object_info()
