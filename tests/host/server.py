@@ -151,22 +151,25 @@ def _execution_error_text(status: dict) -> str:
     return "\n".join(lines) or json.dumps(status, indent=1)
 
 
-def _write_extra_paths(path: Path, models_dir: Path, custom_nodes_dir: Path, vp2p_dir: Path) -> None:
+def _write_extra_paths(path: Path, models_dir: Path, custom_nodes_dir: Path, vp2p_dir: Path, controlnet_dir: Optional[Path] = None) -> None:
     """The extra-model-paths yaml. Written as JSON, which is valid YAML, so no yaml writer is needed;
     the paths are absolute so ComfyUI does not resolve them against the yaml's folder. ``vp2p`` is
-    the pack's own models folder (tuned weights and caches), kept out of the checkout."""
-    config = {"vp2p_tests": {"checkpoints": str(models_dir.resolve()), "custom_nodes": str(custom_nodes_dir.resolve()),
-                             "vp2p": str(vp2p_dir.resolve())}}
-    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    the pack's own models folder (tuned weights and caches), kept out of the checkout; ``controlnet``,
+    when given, is where ComfyUI's ControlNetLoader looks (besides ComfyUI's own models/controlnet)."""
+    paths = {"checkpoints": str(models_dir.resolve()), "custom_nodes": str(custom_nodes_dir.resolve()), "vp2p": str(vp2p_dir.resolve())}
+    if controlnet_dir is not None:
+        paths["controlnet"] = str(controlnet_dir.resolve())
+    path.write_text(json.dumps({"vp2p_tests": paths}, indent=2), encoding="utf-8")
 
 
 @contextmanager
 def comfy_server(comfy_path: Path, pack_root: Path, models_dir: Path, output_dir: Path,
-                 startup_timeout: float = 120.0, extra_args: tuple[str, ...] = ()) -> Iterator[ComfyClient]:
+                 startup_timeout: float = 120.0, extra_args: tuple[str, ...] = (),
+                 controlnet_dir: Optional[Path] = None) -> Iterator[ComfyClient]:
     """Run a ComfyUI server (CPU, loopback, free port) with the pack loaded; yields a :class:`ComfyClient`.
 
-    ``models_dir`` is added as a ``checkpoints`` folder, ``output_dir`` is the output directory. The
-    server is always terminated on exit.
+    ``models_dir`` is added as a ``checkpoints`` folder, ``controlnet_dir`` (if given) as a ``controlnet``
+    folder, ``output_dir`` is the output directory. The server is always terminated on exit.
     """
     comfy_path, pack_root = Path(comfy_path).resolve(), Path(pack_root).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +181,7 @@ def comfy_server(comfy_path: Path, pack_root: Path, models_dir: Path, output_dir
         for d in ("user", "input", "temp_root", "vp2p"):
             (tmp / d).mkdir()
         extra_paths = tmp / "extra_model_paths.yaml"
-        _write_extra_paths(extra_paths, models_dir, custom_nodes, tmp / "vp2p")
+        _write_extra_paths(extra_paths, models_dir, custom_nodes, tmp / "vp2p", controlnet_dir)
         port = _free_port()
         cmd = [
             sys.executable, str(comfy_path / "main.py"),

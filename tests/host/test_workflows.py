@@ -2,7 +2,8 @@
 
 Each ``example_workflows/*.json`` (UI format, as the frontend saves it) must load without missing
 nodes, convert to an API prompt, and execute to written output files. The prompt is shrunk for the
-CPU by node type (64×64, 3 frames, 2 steps); the JSON files are never changed.
+CPU by node type (64×64, 3 frames, 2 steps) and its model files are replaced by random-weight ones (an
+SD1.5 checkpoint, an SD1.5 ControlNet); the JSON files are never changed.
 """
 
 from __future__ import annotations
@@ -16,15 +17,22 @@ import pytest
 import torch
 
 from tests.host.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, write_random_sd15_checkpoint
+from tests.host.controlnet import write_random_controlnet
 from tests.host.server import ComfyClient, comfy_server
 from tests.host.workflow_api import WorkflowConversionError, missing_node_types, ui_to_api
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 CKPT_NAME = "vp2p_random_sd15.safetensors"
+CN_NAME = "vp2p_random_controlnet_sd15.safetensors"
 # 3 frames: the smallest video on which first-frame, sparse-causal and middle-frame attention all differ.
 FRAMES = 3
 RUN_TIMEOUT_S = 240.0
+# Workflows that need pack features not merged yet: expected to fail (not strictly) until they land.
+# Remove an entry as soon as its feature is in, so the workflow is checked for real.
+PENDING: dict[str, str] = {
+    "video_p2p_controlnet_edit": "Decoupled Sampler positive/negative inputs pending",
+}
 
 # Literal inputs overridden by node type so a workflow runs in seconds on a CPU: every node still does its
 # work (a tuning step, a null-text iteration per step), the least of it.
@@ -73,10 +81,19 @@ def random_checkpoint(comfy_path, tmp_path_factory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def comfy_client(comfy_path, random_checkpoint: Path, tmp_path_factory) -> Iterator[ComfyClient]:
-    """A running ComfyUI server with the pack loaded and the random checkpoint available."""
+def random_controlnet(comfy_path, tmp_path_factory) -> Iterator[Path]:
+    """A random-weight SD1.5 ControlNet fitting the random checkpoint's UNet, in a folder of its own (the
+    server's controlnet folder)."""
+    path = write_random_controlnet(tmp_path_factory.mktemp("controlnet") / CN_NAME, levels=2, seed=0)
+    yield path
+    path.unlink(missing_ok=True)  # ~110 MB
+
+
+@pytest.fixture(scope="session")
+def comfy_client(comfy_path, random_checkpoint: Path, random_controlnet: Path, tmp_path_factory) -> Iterator[ComfyClient]:
+    """A running ComfyUI server with the pack loaded and the random checkpoint and ControlNet available."""
     output_dir = tmp_path_factory.mktemp("comfy_output")
-    with comfy_server(comfy_path, ROOT, random_checkpoint.parent, output_dir) as client:
+    with comfy_server(comfy_path, ROOT, random_checkpoint.parent, output_dir, controlnet_dir=random_controlnet.parent) as client:
         yield client
 
 
@@ -210,16 +227,18 @@ def test_example_workflows_exist():
     assert WORKFLOWS, "no example_workflows/*.json"
 
 
-def shrink_for_cpu(prompt: dict, ckpt_name: str) -> dict:
-    """A copy of ``prompt`` sized for a CPU and pointed at the random checkpoint (by node type)."""
+def shrink_for_cpu(prompt: dict, ckpt_name: str, controlnet_name: str = CN_NAME) -> dict:
+    """A copy of ``prompt`` sized for a CPU and pointed at the random checkpoint and ControlNet (by node type)."""
     prompt = json.loads(json.dumps(prompt))
+    model_files = {"CheckpointLoaderSimple": ("ckpt_name", ckpt_name), "ControlNetLoader": ("control_net_name", controlnet_name)}
     for node in prompt.values():
         inputs = node["inputs"]
         for name, value in SHRINK.get(node["class_type"], {}).items():
             if name in inputs and not isinstance(inputs[name], list):  # leave linked inputs alone
                 inputs[name] = value
-        if node["class_type"] == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = ckpt_name
+        if node["class_type"] in model_files:
+            name, value = model_files[node["class_type"]]
+            inputs[name] = value
     return prompt
 
 
@@ -235,7 +254,19 @@ def _frames(path: Path) -> int:
         return getattr(im, "n_frames", 1)
 
 
-@pytest.mark.parametrize("workflow_path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def _workflow_params(paths: list[Path]) -> list:
+    """One pytest param per workflow; those in :data:`PENDING` marked xfail (not strict)."""
+    return [pytest.param(p, id=p.stem, marks=[pytest.mark.xfail(strict=False, reason=PENDING[p.stem])] if p.stem in PENDING else [])
+            for p in paths]
+
+
+def test_random_controlnet_is_offered_by_the_server(comfy_client: ComfyClient):
+    """The server reads the random ControlNet's folder: its ControlNetLoader lists the file."""
+    options = comfy_client.object_info()["ControlNetLoader"]["input"]["required"]["control_net_name"][0]
+    assert CN_NAME in options, f"the server's ControlNetLoader offers {options}"
+
+
+@pytest.mark.parametrize("workflow_path", _workflow_params(WORKFLOWS))
 def test_example_workflow_runs(workflow_path: Path, comfy_client: ComfyClient):
     workflow = json.loads(workflow_path.read_text(encoding="utf-8"))
     object_info = comfy_client.object_info()
