@@ -10,7 +10,10 @@ save. An *autograd clone* fixes that without writing a module other MODELs share
 * bf16 compute on devices that support it, else fp32 (never fp16: no silent NaNs without loss
   scaling; ``backward_dtype``); whatever is optimised stays fp32;
 * gradient checkpointing per spatial transformer, as a ``PatcherInjection`` (instance
-  ``forward`` set on inject, removed on eject), so activation memory stays bounded.
+  ``forward`` set on inject, removed on eject), so activation memory stays bounded;
+* ControlNets in backward passes: their residuals are computed without gradient (their weights are
+  ComfyUI's inference tensors; ``comfy_call``), and each block starts from a copy of its input so
+  ComfyUI's in-place residual additions do not touch saved activations (``_SkipCopies``).
 """
 
 from __future__ import annotations
@@ -83,6 +86,35 @@ class _Checkpointing:
         self.modules.clear()
 
 
+class _SkipCopies:
+    """While injected, each input block after the first and the middle block start from a copy of the
+    activation they are given. ComfyUI's UNet adds ControlNet/T2I-Adapter residuals in place
+    (``h += ctrl``, also on the skip activations the output blocks read), which autograd refuses on a
+    tensor a later layer saved for backward; with the copies, the tensors saved are the copies and the
+    in-place additions land on tensors nothing saved."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+
+    def inject(self, patcher: Any) -> None:
+        if self.handles:
+            return
+        dm = patcher.model.diffusion_model
+        firsts = [block[0] for block in list(dm.input_blocks)[1:]] + [dm.middle_block[0]]
+
+        def copy_input(module: torch.nn.Module, args: tuple) -> Optional[tuple]:
+            if not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
+                return None
+            return (args[0].clone(), *args[1:])
+
+        self.handles = [m.register_forward_pre_hook(copy_input) for m in firsts]
+
+    def eject(self, patcher: Any) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
 def backward_dtype(device: Any, model_dtype: torch.dtype) -> torch.dtype:
     """The compute dtype of backward passes: bf16 where the device has it (its range needs no loss
     scaling), else the model's dtype — but never fp16, whose gradients overflow or underflow without
@@ -105,7 +137,9 @@ def make_autograd_clone(model: Any, clone: Optional[Any] = None,
     blocks = transformer_blocks(mp)
     spatial = sorted({p.rsplit(".transformer_blocks.", 1)[0] for p in blocks.values()})
     ck = _Checkpointing(spatial)
-    mp.set_injections(CHECKPOINT_INJECTION_KEY, [comfy.patcher_extension.PatcherInjection(ck.inject, ck.eject)])
+    copies = _SkipCopies()
+    mp.set_injections(CHECKPOINT_INJECTION_KEY, [comfy.patcher_extension.PatcherInjection(ck.inject, ck.eject),
+                                                 comfy.patcher_extension.PatcherInjection(copies.inject, copies.eject)])
     overrides = dict(overrides or {})
     for name, module in mp.get_model_object("diffusion_model").named_modules():
         if getattr(module, "weight", None) is None or not hasattr(module, "weight_function"):
@@ -121,12 +155,13 @@ def make_autograd_clone(model: Any, clone: Optional[Any] = None,
 
 @contextmanager
 def autograd(mp: Any) -> Iterator[None]:
-    """Gradients on, inference mode off, ComfyUI's training flag set, the clone fully loaded."""
+    """Gradients on, inference mode off, ComfyUI's training flag set. The clone is loaded by the stage
+    (``comfy_call.run_stage``) with the memory its backward passes declare, partially on small cards:
+    the weight wrappers cast each weight per forward, so a partly offloaded UNet backpropagates too."""
     with torch.inference_mode(False), torch.enable_grad():
         flag = comfy.model_management.in_training
         comfy.model_management.in_training = True
         try:
-            comfy.model_management.load_models_gpu([mp], force_full_load=True)
             yield
         finally:
             comfy.model_management.in_training = flag

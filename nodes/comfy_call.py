@@ -43,12 +43,32 @@ def bare_conditioning(text: torch.Tensor) -> list:
     return [[text, {}]]
 
 
+class _ConstantControl:
+    """A ControlNet/T2I-Adapter of a cond, its residuals computed without gradient. In the pack's
+    backward passes (tuning, null-text) its weights are ComfyUI's inference tensors, which autograd
+    cannot use; the residuals enter the UNet as constants (the null-text gradient does not flow back
+    through the ControlNet's own use of the null embedding)."""
+
+    def __init__(self, control: Any) -> None:
+        self.control = control
+
+    def get_control(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self.control.get_control(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.control, name)
+
+
 def with_text(conds: Sequence[dict], text: torch.Tensor) -> list[dict]:
     """Processed cond dicts with their text rows replaced by ``text`` [R, T, D]; every other entry
-    (control, gligen, area, mask, hooks, timestep range, the model's other extra conds) is kept."""
+    (control, gligen, area, mask, hooks, timestep range, the model's other extra conds) is kept. Under
+    autograd a control's residuals are constants (``_ConstantControl``)."""
     out = []
     for c in conds:
         d = dict(c)
+        if torch.is_grad_enabled() and d.get("control") is not None and not isinstance(d["control"], _ConstantControl):
+            d["control"] = _ConstantControl(d["control"])
         model_conds = dict(d.get("model_conds", {}))
         model_conds["c_crossattn"] = comfy.conds.CONDCrossAttn(text)
         d["model_conds"] = model_conds

@@ -38,13 +38,14 @@ from .comfy_call import ComfyDenoiser, bare_conditioning, estimate_memory_for
 log = logging.getLogger("VideoP2P")
 
 
-def edit_inputs(inversion: Inversion, source_cond: torch.Tensor, cfg: float, device: Any) -> EditInputs:
-    """What the edit takes from an inversion, on ``device`` (the one place it is built)."""
+def edit_inputs(inversion: Inversion, controller_source: torch.Tensor, cfg: float, device: Any) -> EditInputs:
+    """What the edit takes from an inversion, on ``device`` (the one place it is built); ``controller_source``:
+    the controller's source prompt, the source's text where nothing was inverted (Start From Noise)."""
     return EditInputs(
-        z_t=inversion.z_t.to(device), schedule=inversion.schedule, cond=source_cond.to(device),
+        z_t=inversion.z_t.to(device), schedule=inversion.schedule, cond=inversion.source_text(controller_source).to(device),
         null_embeddings=None if inversion.null_embeddings is None else inversion.null_embeddings.to(device),
         negative=(inversion.negative if inversion.negative is not None else inversion.cond).to(device),
-        cfg=cfg if inversion.generated else inversion.cfg,
+        cfg=inversion.source_cfg(cfg),
         source_path=None if inversion.source_path is None else inversion.source_path.to(device))
 
 
@@ -137,8 +138,7 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
             edit: P2PEdit = self.control
             blend = LocalBlend(edit.blend, frames, latent_hw, sched.steps) if edit.blend is not None else None
             self.controller = P2PController(edit, sched, blend)
-            source_cond = edit.source_cond if inv.generated else inv.cond
-            inputs = edit_inputs(inv, source_cond, self.cfg, device)
+            inputs = edit_inputs(inv, edit.source_cond, self.cfg, device)
             self.steps = DecoupledSteps(placeholder, inputs, edit.target_cond.to(device), self.cfg, self.guidance, self.controller,
                                         self.reuse)
 

@@ -25,6 +25,7 @@ disk cache.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
@@ -43,7 +44,7 @@ from ..vp2p.schedule import Schedule
 from .autograd_host import BACKWARD_MEMORY, autograd, make_autograd_clone
 from .comfy_call import Stage, run_stage
 from .comfy_host import check_latent, get_state
-from .model_facts import alphas_cumprod, conditioning_tensor, model_fingerprint, prediction_kind
+from .model_facts import alphas_cumprod, conditioning_key, conditioning_tensor, model_fingerprint, prediction_kind
 
 log = logging.getLogger("VideoP2P")
 
@@ -150,10 +151,15 @@ def store_spec(model: Any, positive: list, frames: int, steps: int, fraction: fl
                                   state.settings.frame_attention_min_channels)
 
 
-def cache_key(fp: str, samples: torch.Tensor, positive: list, negative: list, settings: InversionSettings) -> str:
-    cond, neg = _embeddings(positive, negative, samples.shape[0], settings.mode)
-    return fingerprint([("latents", samples), ("cond", cond), ("negative", neg)],
-                       {"model": fp, "settings": repr(settings), "format": FORMAT})
+def cache_key(fp: str, samples: torch.Tensor, positive: list, negative: list, settings: InversionSettings) -> Optional[str]:
+    """The inversion's content key, or ``None`` when a CONDITIONING carries something that cannot be keyed
+    (a ControlNet, GLIGEN, hooks): then the inversion is not cached."""
+    _embeddings(positive, negative, samples.shape[0], settings.mode)  # refuses what cannot be inverted
+    pos, neg = conditioning_key(positive, "positive"), conditioning_key(negative, "negative")
+    if pos is None or neg is None:
+        return None
+    return fingerprint([("latents", samples), *pos[0], *neg[0]],
+                       {"model": fp, "settings": repr(settings), "format": FORMAT, **pos[1], **neg[1]})
 
 
 def invert_cached(model: Any, positive: list, negative: list, samples: torch.Tensor, settings: InversionSettings,
@@ -165,7 +171,13 @@ def invert_cached(model: Any, positive: list, negative: list, samples: torch.Ten
     check_latent(model, samples, NODE)
     fp = model_fingerprint(model)
     key = cache_key(fp, samples, positive, negative, settings)
+    if key is None and cache is not None:
+        log.info("%s: the conditioning carries a ControlNet, GLIGEN or hooks, which a cache key cannot capture: the "
+                 "inversion is computed, not cached.", NODE)
+        cache = None
     path = None if cache is None else cache / f"inversion_{key[:40]}.safetensors"
+    if key is None:  # a disk store still needs a folder of its own, never another inversion's
+        key = f"uncached-{uuid.uuid4().hex}"
     store, recording = None, None
     if store_spec_ is not None:
         on_disk = store_location is StoreLocation.DISK

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any
+from typing import Any, Optional
 
 import comfy.model_management
 import torch
@@ -35,6 +35,26 @@ def conditioning_tensor(conditioning: list, frames: int, what: str = "positive",
             "prompt (batch 1) or one per frame."
         )
     return cond
+
+
+def conditioning_key(conditioning: Optional[list], name: str) -> Optional[tuple[list[tuple[str, torch.Tensor]], dict]]:
+    """What a CONDITIONING contributes to a cache key: its tensors (text, pooled output, masks …) and plain
+    values (strength, areas, timestep ranges …) of every entry; ``None`` when an entry holds an object
+    whose effect cannot be keyed by content (a ControlNet, GLIGEN, hooks): such a result is not cached."""
+    tensors: list[tuple[str, torch.Tensor]] = []
+    values: dict[str, Any] = {}
+    for i, entry in enumerate(conditioning or []):
+        tensors.append((f"{name}.{i}", entry[0]))
+        for k in sorted(entry[1]):
+            v = entry[1][k]
+            if isinstance(v, torch.Tensor):
+                tensors.append((f"{name}.{i}.{k}", v))
+            elif v is None or isinstance(v, (bool, int, float, str)) or (
+                    isinstance(v, (tuple, list)) and all(isinstance(x, (bool, int, float, str)) for x in v)):
+                values[f"{name}.{i}.{k}"] = repr(v)
+            else:
+                return None
+    return tensors, values
 
 
 def alphas_cumprod(model: Any) -> torch.Tensor:

@@ -110,8 +110,7 @@ def run_edit(model: Any, inversion: Inversion, edit: P2PEdit, cfg: float, guidan
 
     def loop(stage: Stage) -> tuple[EditResult, Optional[LocalBlend]]:
         den = stage.denoiser()
-        source_cond = edit.source_cond if inversion.generated else inversion.cond
-        inputs = edit_inputs(inversion, source_cond, cfg, stage.device)
+        inputs = edit_inputs(inversion, edit.source_cond, cfg, stage.device)
         blend = LocalBlend(edit.blend, frames, tuple(inversion.latent_shape[-2:]), sched.steps) if edit.blend is not None else None
         controller = P2PController(edit, sched, blend)
         result = decoupled_edit(den, inputs, edit.target_cond.to(stage.device), cfg, guidance, controller, reuse=reuse,

@@ -80,7 +80,7 @@ def tune_cached(model, positive, samples, settings: TuneSettings, progress, save
     from ..vp2p.fingerprint import fingerprint
     from ..vp2p.tuned_file import load_tuned, save_tuned
     from ..vp2p.tuning import TRAINABLE_SET
-    from .model_facts import conditioning_tensor, model_fingerprint
+    from .model_facts import conditioning_key, conditioning_tensor, model_fingerprint
     from .storage import cache_dir, named_path
     from .tune_host import apply_tuned, require_state
 
@@ -88,11 +88,17 @@ def tune_cached(model, positive, samples, settings: TuneSettings, progress, save
     if settings.steps == 0:
         return model
     target = named_path(save_name) if save_name.strip() else None  # validate before hours of training
-    cond = conditioning_tensor(positive, samples.shape[0])
+    cond = conditioning_tensor(positive, samples.shape[0])  # refuses what cannot be tuned on
     base = model_fingerprint(model)
-    key = fingerprint([("latents", samples), ("cond", cond)],
-                      {"base": base, "t2s": state.settings.describe(), "tune": repr(settings), "format": "vp2p-tuned/1",
-                       "trainable": TRAINABLE_SET})
+    pos = conditioning_key(positive, "positive")
+    if pos is None and use_cache:
+        log.info("Tune on Video: the conditioning carries a ControlNet, GLIGEN or hooks, which a cache key cannot capture: "
+                 "the tuning is computed, not cached.")
+        use_cache = False
+    # format 2: trained on the model's latent scale (process_latent_in); format 1 trained on raw VAE latents
+    key = "" if pos is None else fingerprint([("latents", samples), *pos[0]],
+                                            {"base": base, "t2s": state.settings.describe(), "tune": repr(settings),
+                                             "format": "vp2p-tuned/2", "trainable": TRAINABLE_SET, **pos[1]})
     cached = cache_dir() / f"tune_{key[:40]}.safetensors" if use_cache else None
 
     def train():

@@ -59,6 +59,16 @@ class Inversion:
     def frames(self) -> int:
         return int(self.trajectory.shape[1])
 
+    def source_text(self, controller_source: torch.Tensor) -> torch.Tensor:
+        """The source branch's text rows: the prompt the video was inverted with, or (Start From Noise,
+        nothing inverted) the controller's source prompt."""
+        return controller_source if self.generated else self.cond
+
+    def source_cfg(self, cfg: float) -> float:
+        """The source branch's guidance scale: the inversion's (its null embeddings were optimised for it),
+        or (Start From Noise) the sampler's."""
+        return cfg if self.generated else self.cfg
+
     @property
     def latent_shape(self) -> tuple[int, ...]:
         return tuple(self.trajectory.shape[1:])

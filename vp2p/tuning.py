@@ -25,12 +25,12 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .denoise import Denoiser
 from .errors import SettingsError, VP2PError
 
 log = logging.getLogger("VideoP2P")
 
-# x_σ [F, C, h, w], σ [F], cond [F, T, D] -> x0 prediction [F, C, h, w]
-Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Denoise = Denoiser  # the one protocol (vp2p.denoise); tuning calls it conditional only
 
 TRAINABLE_UNET_SUFFIXES = (".attn1.to_q.weight", ".attn2.to_q.weight")
 # The modules of a temporal layer (``TemporalAttention``) that tuning trains; its ``norm`` stays frozen.

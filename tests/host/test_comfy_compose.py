@@ -2,7 +2,9 @@
 
 Another node's attention replace (installed before Inflate, so the pack chains it) must see every row of
 every UNet call, also while a P2P, FateZero or guidance controller edits some of them; with the
-controller as an identity edit the result equals the other patch's alone.
+controller as an identity edit the result equals the other patch's alone. What other nodes put on the
+CONDITIONING (a ControlNet) and on the MODEL's options (a model function wrapper, a post-CFG function) reaches
+every stage too, and the Video-P2P Guider under the stock SamplerCustomAdvanced is the Decoupled Sampler.
 """
 
 from __future__ import annotations
@@ -142,3 +144,241 @@ def test_guidance_leaves_the_other_rows_to_the_other_patch(pack, small_models, c
         out = SamplerCustomAdvanced.execute(Noise_RandomNoise(0), guider, comfy.samplers.sampler_object("euler"), sigmas,
                                             {"samples": torch.zeros(FRAMES, 4, 8, 8)}).result[0]["samples"]
     assert guider.energies and spy.saw_every_row() and torch.isfinite(out).all()
+
+
+# --- ControlNet, MODEL wrappers and post-CFG functions in every stage; the Video-P2P Guider ---------------------------
+
+TARGET = "a tiger running"
+
+
+@pytest.fixture(scope="module")
+def controlnet(comfy_path):
+    from tests.host.controlnet import load_random_controlnet
+
+    return load_random_controlnet(levels=2, seed=0)
+
+
+def hint(seed=0):
+    """A random IMAGE [frames, H, W, 3] at the latent's pixel size (8× the 8×8 latent)."""
+    return torch.rand(FRAMES, 64, 64, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def with_controlnet(controlnet, positive, negative, strength=1.0, seed=0):
+    import nodes
+
+    with torch.inference_mode():
+        return nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, controlnet, hint(seed), strength, 0.0, 1.0)
+
+
+def tune_node(pack, model, positive, latents, steps=2):
+    with torch.inference_mode():
+        return nodes_of(pack)["VP2P_TuneOnVideo"].execute(model=model, positive=positive, latent={"samples": latents}, steps=steps,
+                                                          learning_rate=1e-3, seed=0, use_cache=False).result[0]
+
+
+def tuned_tensors(pack, tuned) -> list[torch.Tensor]:
+    """The tuned to_q deltas and temporal weights of a tuned MODEL, in a fixed order."""
+    deltas = [tuned.patches[k][0][1][0].float().cpu() for k in sorted(tuned.patches)]
+    bank = tuned.get_attachment("vp2p_t2s").bank.state_dict()
+    return deltas + [bank[k].float().cpu() for k in sorted(bank)]
+
+
+def invert_with(pack, model, positive, negative, latents, **kw):
+    args = dict(steps=STEPS, cfg=7.5, mode="ddim_only", inner_steps=0, early_stop=1e-5, store_attention=False, use_cache=False)
+    args.update(kw)
+    with torch.inference_mode():
+        return nodes_of(pack)["VP2P_NullTextInvert"].execute(
+            model=model, positive=positive, negative=negative, latent={"samples": latents}, **args).result[0]
+
+
+def sample_with(pack, model, inv, control, positive=None, negative=None, guidance="decoupled"):
+    extra = {} if positive is None else dict(positive=positive, negative=negative)
+    with torch.inference_mode():
+        return nodes_of(pack)["VP2P_DecoupledSampler"].execute(model=model, inversion=inv, control=control, cfg=7.5,
+                                                              guidance=guidance, **extra).result[0]["samples"]
+
+
+def fatezero_control(pack, clip, target="a red cat running"):
+    with torch.inference_mode():
+        return nodes_of(pack)["VP2P_FateZeroController"].execute(
+            clip=clip, source_prompt=SOURCE, target_prompt=target, cross_replace=0.8, self_replace=0.8,
+            blend_words="", blend_threshold=0.3, reweight="", latent_blend=False).result[0]
+
+
+def differs(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
+    return bool(torch.isfinite(a).all() and torch.isfinite(b).all() and (a - b).norm() > rel * b.norm())
+
+
+def test_controlnet_reaches_every_stage(pack, small_models, clip, controlnet, caplog, tmp_path):
+    """A ControlNet applied (stock Apply ControlNet, strength 1) to the positive and negative CONDITIONING changes
+    Tune on Video, Shared Null-Text Invert, and the Decoupled Sampler (given it as its positive/negative) with a P2P
+    and with a FateZero control; at strength 0 ComfyUI hands back the very same CONDITIONING, and the sampler given a
+    plain CONDITIONING equals the sampler given none."""
+    import logging
+
+    _, base = small_models
+    latents = video(2)
+    pos, neg = encode(clip, SOURCE), encode(clip, "")
+    cn_pos, cn_neg = with_controlnet(controlnet, pos, neg)
+    assert cn_pos is not pos and "control" in cn_pos[0][1] and "control" in cn_neg[0][1]
+    # strength 0: ComfyUI returns its inputs unchanged (no ControlNet at all)
+    off_pos, off_neg = with_controlnet(controlnet, pos, neg, strength=0.0)
+    assert off_pos is pos and off_neg is neg
+
+    # Decoupled Sampler, P2P: one inversion; only the sampler's conditioning differs
+    model = inflated(pack, base, "first_frame", temporal=True)
+    inv = invert_with(pack, model, pos, neg, latents)
+    control = p2p(pack, clip, TARGET, 0.4, 0.4)
+    tpos, tneg = encode(clip, TARGET), encode(clip, "")
+    tcn_pos, tcn_neg = with_controlnet(controlnet, tpos, tneg)
+    plain = sample_with(pack, model, inv, control)
+    assert differs(sample_with(pack, model, inv, control, tcn_pos, tcn_neg), plain)
+    # a CONDITIONING without extras (what strength 0 gives) changes nothing: its text rows are the controller's
+    same = sample_with(pack, model, inv, control, *with_controlnet(controlnet, tpos, tneg, strength=0.0))
+    torch.testing.assert_close(same, plain, atol=1e-6, rtol=0)
+
+    # Decoupled Sampler, FateZero: an inversion that stored attention, zero-shot inflation
+    fz_model = inflated(pack, base, "middle_frame", temporal=False)
+    fz_inv = invert_with(pack, fz_model, pos, neg, latents, store_attention=True)
+    fz = fatezero_control(pack, clip)
+    fz_tpos = encode(clip, "a red cat running")
+    fz_cn_pos, fz_cn_neg = with_controlnet(controlnet, fz_tpos, tneg)
+    fz_plain = sample_with(pack, fz_model, fz_inv, fz)
+    assert differs(sample_with(pack, fz_model, fz_inv, fz, fz_cn_pos, fz_cn_neg), fz_plain)
+    fz_same = sample_with(pack, fz_model, fz_inv, fz, *with_controlnet(controlnet, fz_tpos, tneg, strength=0.0))
+    torch.testing.assert_close(fz_same, fz_plain, atol=1e-6, rtol=0)
+
+    # Tune on Video: same seed, same data; the ControlNet's residuals change the losses and the tuned weights
+    with caplog.at_level(logging.INFO, logger="VideoP2P"):
+        caplog.clear()
+        plain_tuned = tune_node(pack, model, pos, latents)
+        plain_log = [r.getMessage() for r in caplog.records if "loss" in r.getMessage()]
+        caplog.clear()
+        cn_tuned = tune_node(pack, model, cn_pos, latents)
+        cn_log = [r.getMessage() for r in caplog.records if "loss" in r.getMessage()]
+    assert plain_log and cn_log and plain_log != cn_log, (plain_log, cn_log)
+    a, b = tuned_tensors(pack, plain_tuned), tuned_tensors(pack, cn_tuned)
+    assert len(a) == len(b) and any(not torch.equal(x, y) for x, y in zip(a, b))
+    again = tuned_tensors(pack, tune_node(pack, model, off_pos, latents))  # strength 0 = no ControlNet, bit for bit
+    assert all(torch.equal(x, y) for x, y in zip(a, again))
+
+    # Shared Null-Text Invert: the DDIM trajectory (z_T) and the optimised null embeddings change
+    plain_inv = invert_with(pack, model, pos, neg, latents, mode="shared_null_text", inner_steps=1)
+    cn_inv = invert_with(pack, model, cn_pos, cn_neg, latents, mode="shared_null_text", inner_steps=1)
+    assert differs(cn_inv.z_t, plain_inv.z_t) and differs(cn_inv.trajectory, plain_inv.trajectory)
+    assert differs(cn_inv.null_embeddings, plain_inv.null_embeddings, rel=1e-7)
+
+    # a cache key cannot capture a ControlNet: its inversion is computed, never served from the plain one's file
+    host = host_module(pack, "invert_host")
+    inversion = pack.vp2p.inversion
+    settings = inversion.InversionSettings(steps=STEPS, mode=inversion.InversionMode.DDIM_ONLY, inner_steps=0)
+    with torch.inference_mode():
+        cached_plain = host.invert_cached(model, pos, neg, latents, settings, tmp_path)
+        cached_cn = host.invert_cached(model, cn_pos, cn_neg, latents, settings, tmp_path)
+    assert len(list(tmp_path.glob("inversion_*.safetensors"))) == 1
+    assert differs(cached_cn.z_t, cached_plain.z_t)
+
+
+class Counting:
+    """A MODEL's ``model_function_wrapper`` and a post-CFG function, counting their calls."""
+
+    def __init__(self):
+        self.wrapper = 0
+        self.post_cfg = 0
+
+    def wrap(self, apply_model, args):
+        self.wrapper += 1
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    def post(self, args):
+        self.post_cfg += 1
+        return args["denoised"]
+
+    def install(self, model):
+        patched = model.clone()
+        patched.set_model_unet_function_wrapper(self.wrap)
+        patched.set_model_sampler_post_cfg_function(self.post)
+        return patched
+
+    def during(self, run):
+        """(wrapper calls, post-CFG calls, result) of ``run()``."""
+        w, p = self.wrapper, self.post_cfg
+        result = run()
+        return self.wrapper - w, self.post_cfg - p, result
+
+
+def test_model_function_wrapper_and_post_cfg_run_in_every_stage(pack, small_models, clip):
+    """A ``model_function_wrapper`` and a post-CFG function set on the MODEL before Inflate run in the pack's stages.
+
+    The wrapper wraps every UNet evaluation, so it runs in every stage: Tune on Video, DDIM inversion, null-text
+    optimisation, the Decoupled Sampler (P2P and FateZero) and Attention Maps. The post-CFG function runs where
+    cond and uncond are combined by guidance — the null-text optimisation, the P2P edit and the FateZero edit — and
+    in no other stage: not in tuning (conditional noise prediction only), not in a DDIM-only inversion (conditional
+    only), not in Attention Maps (one conditional call)."""
+    _, base = small_models
+    spy = Counting()
+    wrapped = spy.install(base)
+    latents = video(3)
+    pos, neg = encode(clip, SOURCE), encode(clip, "")
+    model = inflated(pack, wrapped, "first_frame", temporal=True)
+    assert model.model_options.get("model_function_wrapper") == spy.wrap  # Inflate keeps the MODEL's options
+
+    w, p, tuned = spy.during(lambda: tune_node(pack, model, pos, latents, steps=1))
+    assert w >= 1 and p == 0, (w, p)
+    w, p, inv = spy.during(lambda: invert_with(pack, tuned, pos, neg, latents, mode="shared_null_text", inner_steps=1))
+    assert w > STEPS and p >= 1, (w, p)  # DDIM's STEPS calls, then the null-text optimisation's guided calls
+    w, p, _ = spy.during(lambda: invert_with(pack, tuned, pos, neg, latents))
+    assert w == STEPS and p == 0, (w, p)
+    control = p2p(pack, clip, TARGET, 0.4, 0.4)
+    w, p, edited = spy.during(lambda: sample_with(pack, tuned, inv, control))
+    assert w >= STEPS and p >= STEPS and torch.isfinite(edited).all(), (w, p)
+    with torch.inference_mode():
+        maps = nodes_of(pack)["VP2P_AttentionMaps"].execute
+        w, p, _ = spy.during(lambda: maps(model=tuned, inversion=inv, control=control, source_words="cat", target_words="tiger",
+                                          at_step=0.5, threshold=0.3))
+    assert w >= 1 and p == 0, (w, p)
+
+    fz_model = inflated(pack, wrapped, "middle_frame", temporal=False)
+    w, p, fz_inv = spy.during(lambda: invert_with(pack, fz_model, pos, neg, latents, store_attention=True))
+    assert w == STEPS and p == 0, (w, p)
+    w, p, fz_edited = spy.during(lambda: sample_with(pack, fz_model, fz_inv, fatezero_control(pack, clip)))
+    assert w >= STEPS and p >= STEPS and torch.isfinite(fz_edited).all(), (w, p)
+
+
+def test_guider_with_sampler_custom_advanced_equals_the_sampler_node(pack, small_models, clip):
+    """The Video-P2P Guider's outputs under the stock SamplerCustomAdvanced (Disable Noise, euler) give the Decoupled
+    Sampler's edited latent exactly, for a P2P and a FateZero control; sigmas that are not the inversion's are
+    refused with a SettingsError (a ValueError) naming the inversion's steps."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import Noise_EmptyNoise, SamplerCustomAdvanced
+
+    _, base = small_models
+    latents = video(4)
+    pos, neg = encode(clip, SOURCE), encode(clip, "")
+
+    def guided(model, inv, control, sigmas=None):
+        with torch.inference_mode():
+            guider, own_sigmas, start = nodes_of(pack)["VP2P_Guider"].execute(model=model, inversion=inv, control=control, cfg=7.5,
+                                                                              guidance="decoupled").result
+            out = SamplerCustomAdvanced.execute(Noise_EmptyNoise(), guider, comfy.samplers.sampler_object("euler"),
+                                                own_sigmas if sigmas is None else sigmas, start)
+        return out.result[0]["samples"]
+
+    model = inflated(pack, base, "first_frame", temporal=True)
+    inv = invert_with(pack, model, pos, neg, latents, mode="shared_null_text", inner_steps=1)
+    control = p2p(pack, clip, TARGET, 0.4, 0.4)
+    p2p_guided = guided(model, inv, control)
+    assert torch.isfinite(p2p_guided).all() and torch.equal(p2p_guided, sample_with(pack, model, inv, control))
+
+    fz_model = inflated(pack, base, "middle_frame", temporal=False)
+    fz_inv = invert_with(pack, fz_model, pos, neg, latents, store_attention=True)
+    fz = fatezero_control(pack, clip)
+    fz_guided = guided(fz_model, fz_inv, fz)
+    assert torch.isfinite(fz_guided).all() and torch.equal(fz_guided, sample_with(pack, fz_model, fz_inv, fz))
+
+    other = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", STEPS).cpu()
+    assert other.shape == inv.schedule.sigmas.shape and not torch.allclose(other, inv.schedule.sigmas.float().cpu())
+    for sigmas in (other, inv.schedule.sigmas.float().cpu()[1:]):  # other values; fewer steps
+        with pytest.raises(pack.vp2p.SettingsError, match=f"inversion's {STEPS} steps") as caught:
+            guided(model, inv, control, sigmas)
+        assert isinstance(caught.value, ValueError)

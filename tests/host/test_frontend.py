@@ -34,11 +34,6 @@ from tests.host.server import ComfyClient, comfy_server
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 PACK_PREFIX = "VP2P_"
-# Workflows that need pack features not merged yet (the frontend drops links to inputs a node lacks):
-# expected to fail (not strictly) until they land. Remove an entry as soon as its feature is in.
-PENDING: dict[str, str] = {
-    "video_p2p_controlnet_edit": "Decoupled Sampler positive/negative inputs pending",
-}
 
 VIEWPORT = {"width": 1024, "height": 640}
 # Rendered at twice the CSS resolution, so the text of a whole fitted workflow stays readable.
@@ -398,9 +393,7 @@ def test_example_workflows_exist():
     assert WORKFLOWS, "no example_workflows/*.json"
 
 
-@pytest.mark.parametrize("workflow_path", [
-    pytest.param(p, id=p.stem, marks=[pytest.mark.xfail(strict=False, reason=PENDING[p.stem])] if p.stem in PENDING else [])
-    for p in WORKFLOWS])
+@pytest.mark.parametrize("workflow_path", [pytest.param(p, id=p.stem) for p in WORKFLOWS])
 def test_example_workflow_in_frontend(workflow_path: Path, frontend: FrontendPage, tmp_path: Path):
     client, page = frontend.client, frontend.page
     object_info = client.object_info()

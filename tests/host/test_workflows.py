@@ -28,11 +28,6 @@ CN_NAME = "vp2p_random_controlnet_sd15.safetensors"
 # 3 frames: the smallest video on which first-frame, sparse-causal and middle-frame attention all differ.
 FRAMES = 3
 RUN_TIMEOUT_S = 240.0
-# Workflows that need pack features not merged yet: expected to fail (not strictly) until they land.
-# Remove an entry as soon as its feature is in, so the workflow is checked for real.
-PENDING: dict[str, str] = {
-    "video_p2p_controlnet_edit": "Decoupled Sampler positive/negative inputs pending",
-}
 
 # Literal inputs overridden by node type so a workflow runs in seconds on a CPU: every node still does its
 # work (a tuning step, a null-text iteration per step), the least of it.
@@ -255,9 +250,8 @@ def _frames(path: Path) -> int:
 
 
 def _workflow_params(paths: list[Path]) -> list:
-    """One pytest param per workflow; those in :data:`PENDING` marked xfail (not strict)."""
-    return [pytest.param(p, id=p.stem, marks=[pytest.mark.xfail(strict=False, reason=PENDING[p.stem])] if p.stem in PENDING else [])
-            for p in paths]
+    """One pytest param per workflow, named by its file."""
+    return [pytest.param(p, id=p.stem) for p in paths]
 
 
 def test_random_controlnet_is_offered_by_the_server(comfy_client: ComfyClient):
