@@ -382,3 +382,38 @@ def test_guider_with_sampler_custom_advanced_equals_the_sampler_node(pack, small
         with pytest.raises(pack.vp2p.SettingsError, match=f"inversion's {STEPS} steps") as caught:
             guided(model, inv, control, sigmas)
         assert isinstance(caught.value, ValueError)
+
+
+def test_stages_ask_comfyui_for_the_memory_of_the_rows_they_run(pack, small_models, clip, monkeypatch):
+    """ComfyUI's model loading estimates for 2 × the noise batch (cond + uncond of one latent); each stage
+    tells it its real rows: the edit 4F (both branches, both kinds), the null-text inversion F rows with
+    backward passes (×2 allowance), a DDIM-only inversion F."""
+    import comfy.sampler_helpers
+
+    seen: list[int] = []
+    original = comfy.sampler_helpers.estimate_memory
+
+    def spy(model, noise_shape, conds):
+        seen.append(int(noise_shape[0]))
+        return original(model, noise_shape, conds)
+
+    monkeypatch.setattr(comfy.sampler_helpers, "estimate_memory", spy)
+    _, base = small_models
+    model = inflated(pack, base, "first_frame", temporal=True)
+    latents = video(3)
+    inv = invert(pack, model, clip, latents)  # ddim_only: F rows per call
+    assert seen == [(FRAMES + 1) // 2]
+    seen.clear()
+    invert(pack, model, clip, latents, mode="shared_null_text", inner_steps=1)
+    assert seen == [FRAMES]  # F rows × 2 for the backward passes
+    seen.clear()
+    sample(pack, model, inv, p2p(pack, clip, "a tiger running", 0.4, 0.4))
+    assert seen == [2 * FRAMES]  # 4F rows
+
+
+def test_backward_passes_never_compute_in_half_precision(pack):
+    """fp16 gradients overflow or vanish without loss scaling: backward passes use bf16 where the device
+    has it, else fp32."""
+    autograd_host = host_module(pack, "autograd_host")
+    assert autograd_host.backward_dtype("cpu", torch.float16) == torch.float32
+    assert autograd_host.backward_dtype("cpu", torch.float32) == torch.float32
