@@ -126,7 +126,7 @@ def run_edit(model: Any, inversion: Inversion, edit: P2PEdit, cfg: float, guidan
 
 
 def word_maps(model: Any, inversion: Inversion, edit: P2PEdit, at_step: float, source_words: list[str],
-              target_words: list[str], threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+              target_words: list[str], threshold: float, positive: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The blend words' cross-attention at one step, as LocalBlend computes it: one UNet call with the
     source and target conditional rows on the source latent of that step (no edit applied).
     Returns (maps [2, F, h, w] normalised per prompt and frame, mask [F, h, w] of their union)."""
@@ -152,7 +152,8 @@ def word_maps(model: Any, inversion: Inversion, edit: P2PEdit, at_step: float, s
         stage.denoiser()(torch.cat([x, x]), sched.sigmas[step].to(stage.device).expand(2 * frames), context, [COND, COND], run)
 
     with torch.inference_mode():
-        run_stage(model, {"positive": bare_conditioning(edit.source_cond)}, torch.zeros(inversion.latent_shape), sched.sigmas, loop,
+        conds = {"positive": positive if positive is not None else bare_conditioning(edit.source_cond)}
+        run_stage(model, conds, torch.zeros(inversion.latent_shape), sched.sigmas, loop,
                   memory_rows=2 * frames)
     blend.end_step()
     maps = blend.maps()

@@ -287,6 +287,7 @@ class AttentionMaps(io.ComfyNode):
                                tooltip="Where in the denoising to look (0 = the first, noisiest step; 1 = the last)."),
                 io.Float.Input("threshold", default=0.3, min=0.0, max=1.0, step=0.01,
                                tooltip="The blend_threshold to preview: the mask output is the union of both maps above it."),
+                io.Conditioning.Input("positive", optional=True, tooltip=EDIT_INPUT_HELP["positive"]),
             ],
             outputs=[
                 io.Image.Output("source_maps", tooltip="Per-frame heat maps of the source words (normalised per frame)."),
@@ -297,7 +298,7 @@ class AttentionMaps(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inversion, control, source_words: str, target_words: str, at_step: float,
-                threshold: float) -> io.NodeOutput:
+                threshold: float, positive=None) -> io.NodeOutput:
         import torch
         import torch.nn.functional as F
 
@@ -330,7 +331,7 @@ class AttentionMaps(io.ComfyNode):
             new_words = [w for w in control.target.words if w not in control.source.words]
             target_words = ", ".join(new_words or [w for w in src if w in control.target.words])
         tgt = words(target_words, blend.target_positions if blend else (), control.target)
-        maps, mask = word_maps(model, inversion, control, float(at_step), src, tgt, float(threshold))
+        maps, mask = word_maps(model, inversion, control, float(at_step), src, tgt, float(threshold), positive)
         scale = 8  # latent -> pixels for SD's VAE
         up = F.interpolate(maps, scale_factor=scale, mode="nearest")  # [2, F, H, W]
         heat = torch.stack([up, up.pow(2), (1 - up) * 0.3 + up * 0.1], dim=-1).clamp(0, 1)  # dark blue → yellow

@@ -237,6 +237,14 @@ def test_controlnet_reaches_every_stage(pack, small_models, clip, controlnet, ca
     same = sample_with(pack, model, inv, control, *with_controlnet(controlnet, tpos, tneg, strength=0.0))
     torch.testing.assert_close(same, plain, atol=1e-6, rtol=0)
 
+    # Attention Maps: its one UNet call honours the positive's ControlNet too
+    def maps(**extra):
+        with torch.inference_mode():
+            return nodes_of(pack)["VP2P_AttentionMaps"].execute(model=model, inversion=inv, control=control, source_words="cat",
+                                                                target_words="tiger", at_step=0.5, threshold=0.3, **extra).result[0]
+
+    assert differs(maps(positive=with_controlnet(controlnet, pos, neg)[0]), maps())
+
     # Decoupled Sampler, FateZero: an inversion that stored attention, zero-shot inflation
     fz_model = inflated(pack, base, "middle_frame", temporal=False)
     fz_inv = invert_with(pack, fz_model, pos, neg, latents, store_attention=True)
