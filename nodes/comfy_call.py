@@ -216,7 +216,9 @@ def run_stage(model_patcher: Any, conds: dict[str, list], latent: torch.Tensor, 
     """Run ``loop(stage)`` inside ComfyUI's sampling setup for ``model_patcher`` with the CONDITIONING
     ``conds`` (e.g. ``{"positive": …, "negative": …}``). ``latent`` [F, C, h, w] (model space; the stage
     sees it after ``process_latent_in``) gives the conds their size; ``sigmas`` the run's schedule."""
-    guider = StageGuider(model_patcher, memory_rows, backward_factor)
+    from .comfy_host import with_pack_patch
+
+    guider = StageGuider(with_pack_patch(model_patcher), memory_rows, backward_factor)
     guider.inner_set_conds({k: v for k, v in conds.items() if v is not None})
     sampler = _StageSampler(loop)
     latent = latent.float()

@@ -262,3 +262,45 @@ def install(clone: Any, settings: T2SSettings, bank: Optional[TemporalBank], blo
                                                      _norm_wrapper(video_norm), clone.model_options, is_model_options=True)
     clone.set_attachments(STATE_KEY, T2SState(settings, patch, blocks, video_norm))
     return clone
+
+
+def with_pack_patch(model: Any) -> Any:
+    """``model`` itself, or — when another node put attention replaces on an inflated MODEL *after*
+    Inflate to T2S, replacing the pack's patch on those keys (and with it frame attention and the
+    controllers) — a clone with the pack's patch installed again, chaining theirs under it."""
+    state = get_state(model)
+    if state is None:
+        return model
+    replaces = model.model_options.get("transformer_options", {}).get("patches_replace", {})
+    lost = [(kind, key) for key in state.blocks for kind in ("attn1", "attn2")
+            if not is_vp2p_patch(replaces.get(kind, {}).get((key.block, key.id, key.index)))]
+    if not lost:
+        return model
+    log.info("Video-P2P: %d attention replace(s) were put on the MODEL after Inflate to T2S; installing the pack's patch "
+             "again on a clone and chaining them under it.", len(lost))
+    return install(model.clone(), state.settings, state.bank, state.blocks)
+
+
+# Entries of a MODEL's options that change what the UNet computes without changing its weights; the pack's
+# own are its attention patch and its GroupNorm wrapper.
+_OUTPUT_OPTIONS = ("model_function_wrapper", "sampler_cfg_function", "sampler_post_cfg_function", "sampler_pre_cfg_function",
+                   "sampler_calc_cond_batch_function", "context_handler")
+
+
+def options_cacheable(model: Any) -> bool:
+    """Whether a MODEL's options hold nothing but the pack's own patches: a wrapper, CFG function or patch
+    another node added changes results without changing the weights a cache key fingerprints."""
+    options = model.model_options
+    if any(options.get(k) for k in _OUTPUT_OPTIONS):
+        return False
+    to = options.get("transformer_options", {})
+    if any(to.get("patches", {}).values()):
+        return False
+    for fns in to.get("patches_replace", {}).values():
+        for fn in fns.values():
+            if not is_vp2p_patch(fn) or fn.__self__.previous:
+                return False
+    for by_key in to.get("wrappers", {}).values():
+        if any(fns for key, fns in by_key.items() if key != NORM_WRAPPER_KEY):
+            return False
+    return True

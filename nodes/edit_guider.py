@@ -34,6 +34,7 @@ from ..vp2p.local_blend import LocalBlend
 from ..vp2p.p2p import P2PController, P2PEdit
 from ..vp2p.schedule import folded_denoised, sigma_index, to_data_scale
 from .comfy_call import ComfyDenoiser, bare_conditioning, estimate_memory_for
+from .comfy_host import with_pack_patch
 
 log = logging.getLogger("VideoP2P")
 
@@ -71,8 +72,9 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
 
     def __init__(self, model_patcher: Any, inversion: Inversion, control: Any, cfg: float, guidance: Guidance,
                  positive: Optional[list] = None, negative: Optional[list] = None, reuse: bool = True) -> None:
-        super().__init__(model_patcher)
         check_control(model_patcher, inversion, control)
+        model_patcher = with_pack_patch(model_patcher)
+        super().__init__(model_patcher)
         self.inversion, self.control, self.guidance, self.reuse = inversion, control, guidance, reuse
         self.set_cfg(float(cfg))
         self.fused = isinstance(control, FateZeroEdit)

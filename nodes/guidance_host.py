@@ -28,7 +28,7 @@ from ..vp2p.schedule import sigma_index
 from ..vp2p.video_norm import NormScope
 from .autograd_host import make_autograd_clone
 from .comfy_call import ComfyDenoiser
-from .comfy_host import get_state, install, transformer_blocks
+from .comfy_host import get_state, install, transformer_blocks, with_pack_patch
 
 log = logging.getLogger("VideoP2P")
 
@@ -39,7 +39,7 @@ LAYER_CHOICES = {"16x16_8x8_middle": ((4, 8), True), "16x16_8x8": ((4, 8), False
 def guided_model(model: Any) -> Any:
     """An autograd clone of ``model`` carrying the pack's attention patch (installed when the MODEL is
     not inflated: plain per-frame attention, nothing else changes)."""
-    clone = model.clone()
+    clone = with_pack_patch(model).clone()
     if get_state(clone) is None:
         install(clone, T2SSettings(FrameMode.NONE, False, NormScope.FRAME), None, transformer_blocks(model))
     return make_autograd_clone(model, clone)

@@ -43,7 +43,7 @@ from ..vp2p.inversion_file import FORMAT, Inversion, load_inversion, save_invers
 from ..vp2p.schedule import Schedule
 from .autograd_host import BACKWARD_MEMORY, autograd, make_autograd_clone
 from .comfy_call import Stage, run_stage
-from .comfy_host import check_latent, get_state
+from .comfy_host import check_latent, get_state, options_cacheable
 from .model_facts import alphas_cumprod, conditioning_key, conditioning_tensor, model_fingerprint, prediction_kind
 
 log = logging.getLogger("VideoP2P")
@@ -175,6 +175,10 @@ def invert_cached(model: Any, positive: list, negative: list, samples: torch.Ten
         log.info("%s: the conditioning carries a ControlNet, GLIGEN or hooks, which a cache key cannot capture: the "
                  "inversion is computed, not cached.", NODE)
         cache = None
+    if cache is not None and not options_cacheable(model):
+        log.info("%s: another node put a wrapper, CFG function or patch on the MODEL, which a cache key cannot capture: "
+                 "the inversion is computed, not cached.", NODE)
+        cache, key = None, None
     path = None if cache is None else cache / f"inversion_{key[:40]}.safetensors"
     if key is None:  # a disk store still needs a folder of its own, never another inversion's
         key = f"uncached-{uuid.uuid4().hex}"

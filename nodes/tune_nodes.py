@@ -80,6 +80,7 @@ def tune_cached(model, positive, samples, settings: TuneSettings, progress, save
     from ..vp2p.fingerprint import fingerprint
     from ..vp2p.tuned_file import load_tuned, save_tuned
     from ..vp2p.tuning import TRAINABLE_SET
+    from .comfy_host import options_cacheable
     from .model_facts import conditioning_key, conditioning_tensor, model_fingerprint
     from .storage import cache_dir, named_path
     from .tune_host import apply_tuned, require_state
@@ -94,6 +95,10 @@ def tune_cached(model, positive, samples, settings: TuneSettings, progress, save
     if pos is None and use_cache:
         log.info("Tune on Video: the conditioning carries a ControlNet, GLIGEN or hooks, which a cache key cannot capture: "
                  "the tuning is computed, not cached.")
+        use_cache = False
+    if use_cache and not options_cacheable(model):
+        log.info("Tune on Video: another node put a wrapper, CFG function or patch on the MODEL, which a cache key cannot "
+                 "capture: the tuning is computed, not cached.")
         use_cache = False
     # format 2: trained on the model's latent scale (process_latent_in); format 1 trained on raw VAE latents
     key = "" if pos is None else fingerprint([("latents", samples), *pos[0]],

@@ -425,3 +425,40 @@ def test_backward_passes_never_compute_in_half_precision(pack):
     autograd_host = host_module(pack, "autograd_host")
     assert autograd_host.backward_dtype("cpu", torch.float16) == torch.float32
     assert autograd_host.backward_dtype("cpu", torch.float32) == torch.float32
+
+
+def test_a_patch_put_on_after_inflate_is_chained_not_a_silent_loss_of_the_pack(pack, small_models, clip):
+    """Another node's attention replace put on the inflated MODEL replaces the pack's patch on those keys; every
+    stage installs the pack's patch again on a clone and chains it: the same result as with the patch put on
+    before Inflate, and the foreign patch still sees every row."""
+    _, base = small_models
+    before = ForeignPatch(FRAMES)
+    model_before = inflated(pack, before.install(pack, base), "first_frame", temporal=False)
+    after = ForeignPatch(FRAMES)
+    model_after = after.install(pack, inflated(pack, base, "first_frame", temporal=False))
+    latents = video(4)
+    control = p2p(pack, clip, "a tiger running", 0.6, 0.6)
+    a = sample(pack, model_before, invert(pack, model_before, clip, latents), control)
+    after.calls.clear()
+    b = sample(pack, model_after, invert(pack, model_after, clip, latents), control)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert after.saw_every_row()
+
+
+def test_caches_are_skipped_for_a_model_another_node_wrapped(pack, small_models, clip, tmp_path):
+    """A model_function_wrapper changes what the UNet computes, not the weights a cache key fingerprints: such a
+    MODEL's inversion is computed, never served from (or written to) the cache."""
+    _, base = small_models
+    counting = Counting()
+    model = inflated(pack, base, "first_frame", temporal=False)
+    wrapped = counting.install(model)
+    host = host_module(pack, "invert_host")
+    inversion = pack.vp2p.inversion
+    settings = inversion.InversionSettings(steps=STEPS, mode=inversion.InversionMode.DDIM_ONLY, inner_steps=0)
+    latents = video(5)
+    pos, neg = encode(clip, SOURCE), encode(clip, "")
+    with torch.inference_mode():
+        host.invert_cached(model, pos, neg, latents, settings, tmp_path)
+        assert len(list(tmp_path.glob("inversion_*.safetensors"))) == 1
+        calls, _, _ = counting.during(lambda: host.invert_cached(wrapped, pos, neg, latents, settings, tmp_path))
+    assert calls == STEPS and len(list(tmp_path.glob("inversion_*.safetensors"))) == 1
