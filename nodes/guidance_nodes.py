@@ -26,6 +26,7 @@ class BoxTrajectory(io.ComfyNode):
             node_id="VP2P_BoxTrajectory",
             display_name="Box Trajectory Masks",
             category="video_p2p/guidance",
+            search_aliases=["box trajectory", "moving mask", "cross-attention guidance"],
             description="Per-frame masks of a box (or ellipse) moving and resizing from a start box on the first frame to an "
                         "end box on the last: where an object should be, for Cross-Attention Guidance or any node taking MASK.",
             inputs=[
@@ -60,6 +61,7 @@ class CrossAttentionGuidance(io.ComfyNode):
             node_id="VP2P_CrossAttentionGuidance",
             display_name="Cross-Attention Guidance",
             category="video_p2p/guidance",
+            search_aliases=["cross-attention guidance", "layout guidance", "move object", "video generation"],
             description=(
                 "A GUIDER for SamplerCustomAdvanced that moves and resizes an object: at guided steps the latent is pulled "
                 "so that the word's cross-attention takes the shape of the target masks (backward guidance, Motamed et al.). "

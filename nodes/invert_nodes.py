@@ -37,7 +37,8 @@ class NullTextInvert(io.ComfyNode):
         return io.Schema(
             node_id="VP2P_NullTextInvert",
             display_name="Shared Null-Text Invert",
-            category="video_p2p/edit",
+            category="video_p2p/2 invert",
+            search_aliases=["null text", "null-text inversion", "ddim inversion", "inversion", "video p2p", "fatezero", "video edit"],
             description=(
                 "Inverts a video for editing: conditional DDIM inversion with the source prompt, keeping every latent of the "
                 "trajectory, then (in the null-text modes) an unconditional embedding per step optimised so that guided "
@@ -132,7 +133,8 @@ class SaveInversion(io.ComfyNode):
         return io.Schema(
             node_id="VP2P_SaveInversion",
             display_name="Save Inversion",
-            category="video_p2p/edit",
+            category="video_p2p/io",
+            search_aliases=["inversion", "null text", "video p2p"],
             description="Saves an inversion as output/vp2p_inversions/<name>.safetensors, to edit the same video later or share "
                         "it. It only loads onto the same model (checkpoint, LoRAs, inflation, tuning).",
             inputs=[
@@ -162,7 +164,8 @@ class LoadInversion(io.ComfyNode):
         return io.Schema(
             node_id="VP2P_LoadInversion",
             display_name="Load Inversion",
-            category="video_p2p/edit",
+            category="video_p2p/io",
+            search_aliases=["inversion", "null text", "video p2p"],
             description="Loads an inversion saved with 'Save Inversion'. One made with a different model, or (when a latent is "
                         "connected) for a different video size, is refused.",
             inputs=[
@@ -197,7 +200,8 @@ class NoiseInversion(io.ComfyNode):
         return io.Schema(
             node_id="VP2P_NoiseInversion",
             display_name="Start From Noise",
-            category="video_p2p/guidance",
+            category="video_p2p/3 edit",
+            search_aliases=["start from noise", "p2p", "prompt to prompt", "generated video edit"],
             description=(
                 "Starts a video from seeded noise instead of inverting one: connect it to the Decoupled Sampler with a P2P "
                 "Controller and the source branch generates the video of the source prompt while the target branch "

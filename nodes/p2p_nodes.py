@@ -34,7 +34,8 @@ class P2PController(io.ComfyNode):
         return io.Schema(
             node_id="VP2P_P2PController",
             display_name="P2P Controller",
-            category="video_p2p/edit",
+            category="video_p2p/3 edit",
+            search_aliases=["p2p", "prompt to prompt", "prompt-to-prompt", "video edit", "word swap", "video p2p"],
             description=(
                 "Describes a prompt-to-prompt edit of the inverted video: the source prompt (the one it was inverted with), "
                 "the target prompt, and how the target's attention is taken from the source's. Only this node and the "
@@ -103,7 +104,8 @@ class FateZeroController(io.ComfyNode):
         return io.Schema(
             node_id="VP2P_FateZeroController",
             display_name="FateZero Controller",
-            category="video_p2p/edit",
+            category="video_p2p/3 edit",
+            search_aliases=["fatezero", "zero-shot video edit", "attention fusion", "video edit"],
             description=(
                 "A zero-shot edit (FateZero): the Decoupled Sampler denoises only the target and fuses the source attention "
                 "stored during the inversion (store_attention on). Cross-attention is taken from the source as in "
@@ -208,7 +210,8 @@ class VideoP2PGuiderNode(io.ComfyNode):
         return io.Schema(
             node_id="VP2P_Guider",
             display_name="Video-P2P Guider",
-            category="video_p2p/edit",
+            category="video_p2p/3 edit",
+            search_aliases=["video p2p guider", "p2p", "prompt to prompt", "fatezero", "video edit"],
             description=(
                 "The edit as a GUIDER for SamplerCustomAdvanced: connect its sigmas and start latent to the sampler, with "
                 "Disable Noise and the euler sampler (exactly the Decoupled Sampler's result; other samplers evaluate the "
@@ -234,7 +237,8 @@ class DecoupledSampler(io.ComfyNode):
         return io.Schema(
             node_id="VP2P_DecoupledSampler",
             display_name="Decoupled Sampler",
-            category="video_p2p/edit",
+            category="video_p2p/3 edit",
+            search_aliases=["video p2p", "p2p sampler", "prompt to prompt", "fatezero", "video edit"],
             description=(
                 "Edits the video: DDIM from the inverted noise over the inversion's steps, source and target branches in "
                 "one UNet call per step, the controller editing the target's attention from the source's. The source branch "
@@ -268,7 +272,8 @@ class AttentionMaps(io.ComfyNode):
         return io.Schema(
             node_id="VP2P_AttentionMaps",
             display_name="Attention Maps",
-            category="video_p2p/edit",
+            category="video_p2p/3 edit",
+            search_aliases=["cross attention maps", "local blend", "p2p", "fatezero"],
             description=(
                 "Shows, per frame, where words of the source and target prompts attend — the maps the local blend "
                 "thresholds — so you can pick blend words and a threshold by looking. One UNet call at the chosen step."

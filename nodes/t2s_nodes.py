@@ -24,7 +24,8 @@ class InflateT2S(io.ComfyNode):
         return io.Schema(
             node_id="VP2P_InflateT2S",
             display_name="Inflate to T2S",
-            category="video_p2p/model",
+            category="video_p2p/1 model",
+            search_aliases=["t2s", "text-to-set", "inflate", "video p2p", "video edit", "tune-a-video"],
             description=(
                 "Inflates an SD1.x/SD2.x MODEL into a text-to-set (T2S) model: the latent batch is one video, "
                 "self-attention becomes frame attention and (optionally) temporal attention layers are added. "

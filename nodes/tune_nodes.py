@@ -21,7 +21,8 @@ class TuneOnVideo(io.ComfyNode):
         return io.Schema(
             node_id="VP2P_TuneOnVideo",
             display_name="Tune on Video",
-            category="video_p2p/model",
+            category="video_p2p/1 model",
+            search_aliases=["tune-a-video", "fine-tune video", "video p2p", "video edit"],
             description=(
                 "Fine-tunes a T2S model on one video so it can reconstruct it: to_q of frame and cross attention in "
                 "every transformer block and the temporal attention's q/k/v/out projections (its LayerNorm stays "
@@ -133,7 +134,8 @@ class LoadTunedT2S(io.ComfyNode):
         return io.Schema(
             node_id="VP2P_LoadTuned",
             display_name="Load Tuned T2S",
-            category="video_p2p/model",
+            category="video_p2p/io",
+            search_aliases=["tune-a-video", "load tuning", "video p2p"],
             description="Applies a tuned-weights file from models/vp2p onto an inflated MODEL (the same checkpoint, LoRAs and "
                         "Inflate to T2S settings it was tuned with; anything else is refused).",
             inputs=[

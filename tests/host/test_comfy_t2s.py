@@ -28,6 +28,22 @@ def inflate(pack, model, frame_attention="first_frame", temporal=True, **optiona
                                                      **optional).result[0]
 
 
+def test_nodes_are_filed_along_the_pipeline_and_found_by_what_users_search(pack):
+    import nodes
+
+    pack_nodes = {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("VP2P_")}
+    categories = {"video_p2p/1 model", "video_p2p/2 invert", "video_p2p/3 edit", "video_p2p/guidance", "video_p2p/io"}
+    aliases: set[str] = set()
+    for node_id, cls in pack_nodes.items():
+        schema = cls.GET_SCHEMA()
+        assert schema.category in categories, (node_id, schema.category)
+        assert schema.search_aliases, f"{node_id} has no search aliases"
+        aliases.update(schema.search_aliases)
+    assert {"video edit", "prompt to prompt", "p2p", "null text", "inversion", "fatezero", "tune-a-video", "t2s",
+            "text-to-set"} <= aliases
+    assert pack_nodes["VP2P_NoiseInversion"].GET_SCHEMA().category == "video_p2p/3 edit"  # Start From Noise: with the edit
+
+
 def test_pack_loads_through_comfy_loader_with_tooltips(pack):
     import nodes
 
