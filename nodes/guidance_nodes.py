@@ -79,10 +79,10 @@ class CrossAttentionGuidance(io.ComfyNode):
                                                       "(e.g. Box Trajectory Masks)."),
                 io.Float.Input("strength", default=20.0, min=0.0, max=1000.0, step=0.5,
                                tooltip="η, the step size of the guidance (15–25 in the study). 0 = plain sampling, exactly."),
-                io.Combo.Input("schedule", options=["study", "every_step"], default="study",
+                io.Combo.Input("schedule", options=["study", "every_step"], default="study", optional=True,
                                tooltip="study: every step for the first quarter of the steps, then every other step. "
                                        "every_step: all steps (slower, stronger)."),
-                io.Combo.Input("layers", options=list(LAYER_CHOICES), default="16x16_8x8_middle",
+                io.Combo.Input("layers", options=list(LAYER_CHOICES), default="16x16_8x8_middle", optional=True,
                                tooltip="Which cross-attention maps the energy uses, by their size at 512² (latent/4 and "
                                        "latent/8). The study found the middle block essential."),
             ],
@@ -91,7 +91,7 @@ class CrossAttentionGuidance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg: float, clip, prompt: str, word: str, target_masks, strength: float,
-                schedule: str, layers: str) -> io.NodeOutput:
+                schedule: str = "study", layers: str = "16x16_8x8_middle") -> io.NodeOutput:
         from ..vp2p import SettingsError
         from ..vp2p.prompt_align import split_words, tokenize_prompt, word_positions
         from .guidance_host import CrossAttentionGuider, guided_model

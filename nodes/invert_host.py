@@ -24,6 +24,7 @@ disk cache.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections import Counter
@@ -159,7 +160,7 @@ def cache_key(fp: str, samples: torch.Tensor, positive: list, negative: list, se
     if pos is None or neg is None:
         return None
     return fingerprint([("latents", samples), *pos[0], *neg[0]],
-                       {"model": fp, "settings": repr(settings), "format": FORMAT, **pos[1], **neg[1]})
+                       {"model": fp, "settings": settings.key(), "format": FORMAT, **pos[1], **neg[1]})
 
 
 def invert_cached(model: Any, positive: list, negative: list, samples: torch.Tensor, settings: InversionSettings,
@@ -200,6 +201,8 @@ def invert_cached(model: Any, positive: list, negative: list, samples: torch.Ten
     inv, hit = load_or_compute(path, load_inversion,
                                lambda: invert(model, positive, negative, samples, settings, progress, fingerprint_=fp, store=recording),
                                save_inversion, NODE)
+    if hit and inv.cfg != settings.cfg:  # ddim_only: cfg is not in the key (unused); report what was asked
+        inv = dataclasses.replace(inv, cfg=settings.cfg)
     if recording is not None:
         if hit:
             calls = record_for_cached(model, positive, inv, recording)

@@ -55,15 +55,16 @@ class NullTextInvert(io.ComfyNode):
                                                                           "The edit uses the same steps."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="The guidance scale the edit will use; null-text optimisation makes guided sampling at "
-                                       "this scale reconstruct the video. Must be > 1 for the null-text modes."),
+                                       "this scale reconstruct the video. Must be > 1 for the null-text modes. Ignored by ddim_only (changing "
+                                       "it there re-uses the cached inversion)."),
                 io.Combo.Input("mode", options=[m.value for m in InversionMode], default=InversionMode.SHARED_NULL_TEXT.value,
                                tooltip=MODE_HELP),
                 io.Int.Input("inner_steps", default=10, min=0, max=1000,
                              tooltip="Most optimisation iterations per step (the reference's 10). Each is one UNet forward + "
-                                     "backward on all frames."),
+                                     "backward on all frames. Only the null-text modes use it."),
                 io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6, round=1e-7,
                                tooltip="Stop a step's optimisation once its loss is below early_stop + step·2e-5 (as the "
-                                       "reference). Larger is faster and less exact."),
+                                       "reference). Larger is faster and less exact. Only the null-text modes use it."),
                 io.Boolean.Input("store_attention", default=False,
                                  tooltip="Also store the source attention for the FateZero Controller (zero-shot edits): the "
                                          "self-attention queries/keys and the cross-attention maps of the small layers, in fp16, "

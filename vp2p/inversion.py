@@ -75,6 +75,16 @@ class InversionSettings:
         if self.inner_steps < 0:
             raise SettingsError(f"inner_steps must be ≥ 0, got {self.inner_steps}.")
 
+    def key(self) -> str:
+        """The settings that decide the inversion, for cache keys: ``ddim_only`` uses only the steps (cfg,
+        inner_steps, early_stop and the learning rate do nothing there), ``negative_prompt`` the steps and cfg
+        (the edit's source branch is guided at it); the null-text modes use everything."""
+        if self.mode is InversionMode.DDIM_ONLY:
+            return f"InversionSettings(steps={self.steps}, mode={self.mode.value})"
+        if self.mode is InversionMode.NEGATIVE_PROMPT:
+            return f"InversionSettings(steps={self.steps}, cfg={self.cfg}, mode={self.mode.value})"
+        return repr(self)
+
 
 @dataclass
 class NullTextResult:

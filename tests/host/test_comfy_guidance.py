@@ -92,3 +92,11 @@ def test_bad_inputs(pack, small_models, clip):
     guider = guidance_node(pack, base, clip, torch.ones(3, 64, 64), 20.0)
     with pytest.raises(ValueError, match="target_masks has 3 frames"):
         sample(guider, torch.zeros(FRAMES, 4, 8, 8))
+
+
+def test_inputs_beyond_the_documented_ones_are_optional(pack):
+    """An API prompt written to the node's first contract (no schedule, no layers) is accepted: both are optional
+    with their defaults."""
+    info = nodes_of(pack)["VP2P_CrossAttentionGuidance"].INPUT_TYPES()
+    assert {"schedule", "layers"} <= set(info.get("optional", {})) and not {"schedule", "layers"} & set(info["required"])
+    assert info["optional"]["schedule"][1]["default"] == "study" and info["optional"]["layers"][1]["default"] == "16x16_8x8_middle"

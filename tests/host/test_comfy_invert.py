@@ -179,6 +179,29 @@ def test_cache_hit_is_bit_identical_with_zero_unet_calls_and_misses_on_change(pa
     assert pack.vp2p.inversion_file.load_inversion(path).trajectory.shape == first.trajectory.shape
 
 
+def test_inputs_a_mode_does_not_use_do_not_invalidate_its_cache(pack, small_models, tmp_path):
+    """ddim_only uses none of cfg, inner_steps, early_stop: changing them re-uses the cached inversion (no UNet
+    call), which then reports the cfg asked for; changing the steps does not."""
+    _, base = small_models
+    model = inflated(pack, base)
+    host = host_module(pack, "invert_host")
+    inversion = pack.vp2p.inversion
+    latents, positive, negative = video(3)
+    plain = inversion.InversionSettings(steps=2, cfg=7.5, mode=inversion.InversionMode.DDIM_ONLY, inner_steps=10)
+    other = inversion.InversionSettings(steps=2, cfg=5.0, mode=inversion.InversionMode.DDIM_ONLY, inner_steps=3, early_stop=1e-3)
+    with torch.inference_mode():
+        first = host.invert_cached(model, positive, negative, latents, plain, tmp_path)
+        with UNetCalls(model) as calls:
+            again = host.invert_cached(model, positive, negative, latents, other, tmp_path)
+        assert calls.count == 0 and torch.equal(again.trajectory, first.trajectory) and again.cfg == 5.0
+        more = inversion.InversionSettings(steps=3, mode=inversion.InversionMode.DDIM_ONLY)
+        with UNetCalls(model) as calls:
+            host.invert_cached(model, positive, negative, latents, more, tmp_path)
+        assert calls.count == 3
+    # a null-text mode keys everything it uses
+    assert plain.key() == other.key() and inversion.InversionSettings(cfg=5.0).key() != inversion.InversionSettings().key()
+
+
 def test_interrupt_leaves_the_model_untouched(pack, small_models):
     import comfy.model_management
 
