@@ -38,9 +38,8 @@ from .attention_store import AttentionStore, AttentionStoreError, entry, parse_e
 from .control import ATTN1, ATTN2, AttentionCall, AttentionController, VideoOutputs
 from .errors import SettingsError, parse_option
 from .frame_attention import FrameMode, expand_keys
-from .keys import LayerKey
 from .layout import COND, TARGET
-from .local_blend import LocalBlendSpec, blend_factor, grid_of, normalised_maps
+from .local_blend import LocalBlendSpec, WordMaps, blend_factor, grid_of, normalised_maps
 from .p2p import P2PEdit
 from .prompt_align import EditKind
 from .schedule import Schedule
@@ -98,7 +97,7 @@ class FateZeroEdit:
         return max(cross, e.self_steps(steps), blend)
 
 
-class FateZeroLatentBlend:
+class FateZeroLatentBlend(WordMaps):
     """FateZero's latent blend, as its code computes it.
 
     Maps, per frame, from the cross-attention of the non-middle layers at one resolution
@@ -113,17 +112,11 @@ class FateZeroLatentBlend:
 
     def __init__(self, spec: LocalBlendSpec, frames: int, latent_hw: tuple[int, int], steps: int,
                  blend_latent: BlendLatent = BlendLatent.SAME_LEVEL) -> None:
-        self.spec = spec
-        self.frames = frames
-        self.latent_hw = latent_hw
-        self.steps = steps
+        super().__init__(spec, frames, latent_hw, steps)
         self.blend_latent = BlendLatent.parse(blend_latent)
         self.window = latent_blend_steps(spec, steps)
-        self.factor: Optional[int] = None  # the maps' resolution, chosen after the first step
-        self._current: dict[int, list[torch.Tensor]] = {}  # factor -> per-layer maps [2, F, h, w] of this step
         self._source: Optional[torch.Tensor] = None  # [F, h, w]: this step's source map
         self._target_sum: Optional[torch.Tensor] = None  # [F, h, w]: target maps summed over the steps so far
-        self.last_mask: Optional[torch.Tensor] = None  # [F, 1, H, W] bool, for tests and previews
 
     def records(self, step: int) -> bool:
         """Whether the maps of ``step`` are recorded: every step up to the last blended one."""
@@ -132,34 +125,12 @@ class FateZeroLatentBlend:
     def applies(self, step: int) -> bool:
         return step in self.window
 
-    def wants(self, key: LayerKey, tokens: int) -> bool:
-        """Whether this cross-attention layer's maps are recorded."""
-        if key.block == "middle":
-            return False
-        g = grid_of(tokens, self.latent_hw)
-        return g is not None and (self.factor is None or g[0] == self.factor)
-
-    def record(self, key: LayerKey, p_source: torch.Tensor, p_target: torch.Tensor) -> None:
-        """p_*: [F, H, N, T] fp32: the stored source maps of the step and the target's own maps."""
-        g = grid_of(p_source.shape[2], self.latent_hw)
-        if g is None:
-            return
-        factor, h, w = g
-        maps = [p[..., list(pos)].sum(-1).mean(1).reshape(self.frames, h, w)
-                for p, pos in ((p_source, self.spec.source_positions), (p_target, self.spec.target_positions))]
-        self._current.setdefault(factor, []).append(torch.stack(maps))
-
     def end_step(self) -> None:
         """Close a step's recording: this step's source map, the target's running sum."""
-        if not self._current:
+        step_map = self._close_step()
+        if step_map is None:
             return
-        if self.factor is None:
-            self.factor = blend_factor(list(self._current))
-        layer_maps = self._current.get(self.factor, [])
-        self._current = {}
-        if not layer_maps:
-            return
-        source, target = torch.stack(layer_maps).mean(0)
+        source, target = step_map
         self._source = source
         self._target_sum = target if self._target_sum is None else self._target_sum + target
 

@@ -65,8 +65,10 @@ def normalised_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return maps / maps.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
 
 
-class LocalBlend:
-    """Collects the blend words' maps during the steps and blends latents after each step."""
+class WordMaps:
+    """Records the blend words' cross-attention maps of a step, per frame, at one resolution (the
+    first step's ``blend_factor``; the middle block never): the blend words' tokens summed, heads and
+    layers averaged. ``LocalBlend`` and FateZero's latent blend differ only in how steps combine."""
 
     def __init__(self, spec: LocalBlendSpec, frames: int, latent_hw: tuple[int, int], steps: int) -> None:
         self.spec = spec
@@ -74,10 +76,8 @@ class LocalBlend:
         self.latent_hw = latent_hw
         self.steps = steps
         self.factor: Optional[int] = None  # chosen after the first step
-        self._current: dict[int, list[torch.Tensor]] = {}  # factor -> per-layer maps [2, F, h, w]
-        self._total: Optional[torch.Tensor] = None  # sum over steps of the per-step map [2, F, h, w]
-        self._count = 0
-        self.last_mask: Optional[torch.Tensor] = None
+        self._current: dict[int, list[torch.Tensor]] = {}  # factor -> per-layer maps [2, F, h, w] of this step
+        self.last_mask: Optional[torch.Tensor] = None  # [F, 1, H, W] bool, for tests and previews
 
     def wants(self, key: LayerKey, tokens: int) -> bool:
         """Whether maps of this cross-attention layer are recorded."""
@@ -87,29 +87,41 @@ class LocalBlend:
         return g is not None and (self.factor is None or g[0] == self.factor)
 
     def record(self, key: LayerKey, p_source: torch.Tensor, p_target: torch.Tensor) -> None:
-        """p_*: [F, H, N, T] fp32 probabilities of the conditional rows of each prompt (the target's
-        as the controller edited them)."""
+        """p_*: [F, H, N, T] fp32 probabilities of the conditional rows of each prompt."""
         g = grid_of(p_source.shape[2], self.latent_hw)
         if g is None:
             return
         factor, h, w = g
-        maps = []
-        for p, pos in ((p_source, self.spec.source_positions), (p_target, self.spec.target_positions)):
-            m = p[..., list(pos)].sum(-1).mean(1)  # [F, N]
-            maps.append(m.reshape(self.frames, h, w))
+        maps = [p[..., list(pos)].sum(-1).mean(1).reshape(self.frames, h, w)  # [F, h, w]
+                for p, pos in ((p_source, self.spec.source_positions), (p_target, self.spec.target_positions))]
         self._current.setdefault(factor, []).append(torch.stack(maps))
 
-    def end_step(self) -> None:
-        """Close a step's recording (the first one also fixes the resolution used)."""
+    def _close_step(self) -> Optional[torch.Tensor]:
+        """The step's map [2 (source, target), F, h, w], averaged over its layers (None if none was
+        recorded); the first step with maps fixes the resolution used."""
         if not self._current:
-            return
+            return None
         if self.factor is None:
             self.factor = blend_factor(list(self._current))
         layer_maps = self._current.get(self.factor, [])
         self._current = {}
-        if not layer_maps:
+        return torch.stack(layer_maps).mean(0) if layer_maps else None
+
+
+class LocalBlend(WordMaps):
+    """Collects the blend words' maps during the steps (the target's as the controller edited them)
+    and blends latents after each step."""
+
+    def __init__(self, spec: LocalBlendSpec, frames: int, latent_hw: tuple[int, int], steps: int) -> None:
+        super().__init__(spec, frames, latent_hw, steps)
+        self._total: Optional[torch.Tensor] = None  # sum over steps of the per-step map [2, F, h, w]
+        self._count = 0
+
+    def end_step(self) -> None:
+        """Close a step's recording: the steps' maps averaged (``spec.average``), or the last one."""
+        step_map = self._close_step()
+        if step_map is None:
             return
-        step_map = torch.stack(layer_maps).mean(0)
         if self.spec.average:
             self._total = step_map if self._total is None else self._total + step_map
             self._count += 1
