@@ -26,6 +26,7 @@ import comfy.patcher_extension
 import torch
 import torch.utils.checkpoint
 
+from ..vp2p.denoise import Denoiser
 from .comfy_host import transformer_blocks
 
 CHECKPOINT_INJECTION_KEY = "vp2p_grad_checkpoint"
@@ -34,8 +35,6 @@ CHECKPOINT_INJECTION_KEY = "vp2p_grad_checkpoint"
 # allowance, not a measurement: no GPU was available to measure it on.
 BACKWARD_MEMORY = 2.0
 
-# the one protocol (vp2p.denoise.Denoiser): x_σ, σ, context[, kinds, run] -> x0
-Denoise = Callable[..., torch.Tensor]
 
 
 class AddDelta:
@@ -167,7 +166,7 @@ def autograd(mp: Any) -> Iterator[None]:
             comfy.model_management.in_training = flag
 
 
-def denoiser(mp: Any, extra_options: Optional[dict] = None) -> Denoise:
+def denoiser(mp: Any, extra_options: Optional[dict] = None) -> Denoiser:
     """A ``vp2p.denoise.Denoiser`` straight on the MODEL's ``apply_model`` with a bare text embedding
     (its patches and transformer options apply; the conditioning path does not): for tests that compare
     the pack's stages, which go through ``comfy_call``, against plain UNet calls."""

@@ -93,6 +93,16 @@ class StepResult:
     changed: bool  # whether end_step changed x_next (a latent blend): then it is not ddim_step(x, denoised)
 
 
+def _finish_step(controller: Optional[AttentionController], i: int, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor,
+                 source_at: Callable[[int], torch.Tensor]) -> StepResult:
+    """The DDIM step from sigmas[i] to sigmas[i+1], then the controller's end of step (its latent blend)."""
+    x_next = ddim_step(x, denoised, sigmas[i], sigmas[i + 1])
+    if controller is None:
+        return StepResult(x_next, denoised, False)
+    blended = controller.end_step(i, x_next, source_at)
+    return StepResult(blended, denoised, blended is not x_next)
+
+
 class DecoupledSteps:
     """The decoupled sampler one step at a time (Video-P2P §3.3; see the module docstring): the
     source branch comes from the inversion's walk (``reuse``) or is walked here, beside the target.
@@ -157,11 +167,7 @@ class DecoupledSteps:
             if source_neg is not None:
                 d_src = self.combine(d_src, d[(UNCOND, SOURCE)], inputs.cfg, x_src, sig[i])
             self._walk[i + 1] = ddim_step(x_src, d_src, sig[i], sig[i + 1])
-        x_next = ddim_step(x_tgt, d_tgt, sig[i], sig[i + 1])
-        if self.controller is None:
-            return StepResult(x_next, d_tgt, False)
-        blended = self.controller.end_step(i, x_next, self.source_at)
-        return StepResult(blended, d_tgt, blended is not x_next)
+        return _finish_step(self.controller, i, x_tgt, d_tgt, sig, self.source_at)
 
 
 class FusedSteps:
@@ -194,11 +200,7 @@ class FusedSteps:
         out = self.denoise(torch.cat([x, x]), sig[i].expand(2 * frames), context, [UNCOND, COND], run).float()
         self.rows.append(2 * frames)
         d = self.combine(out[frames:], out[:frames], self.cfg, x, sig[i])
-        x_next = ddim_step(x, d, sig[i], sig[i + 1])
-        if self.controller is None:
-            return StepResult(x_next, d, False)
-        blended = self.controller.end_step(i, x_next, self.source_at)
-        return StepResult(blended, d, blended is not x_next)
+        return _finish_step(self.controller, i, x, d, sig, self.source_at)
 
 
 def _sample(steps: "DecoupledSteps | FusedSteps", on_step: Optional[Callable[[int, torch.Tensor], None]],

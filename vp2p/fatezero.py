@@ -145,15 +145,6 @@ class FateZeroLatentBlend(WordMaps):
         """The index into the inversion's trajectory (index i at σ_i) of the latent kept after ``step``."""
         return step + 1 if self.blend_latent is BlendLatent.SAME_LEVEL else step
 
-    def blend(self, step: int, x_source: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor:
-        """x_*: [F, C, h, w]; x_source is the trajectory's latent at ``source_index(step)``."""
-        if not self.applies(step):
-            return x_target
-        m = self.mask()
-        if m is None:
-            return x_target
-        self.last_mask = m
-        return torch.where(m.to(x_target.device), x_target, x_source)
 
 
 class FateZeroController(AttentionController):

@@ -37,7 +37,6 @@ from .schedule import Schedule, ddim_step, to_data_scale
 
 log = logging.getLogger("VideoP2P")
 
-Denoise = Denoiser  # the one protocol (vp2p.denoise)
 
 
 class InversionMode(str, Enum):
@@ -112,7 +111,7 @@ def inversion_input(x: torch.Tensor, s_cur: torch.Tensor, s_dst: torch.Tensor) -
     return x * (torch.sqrt(1.0 + s_dst**2) / torch.sqrt(1.0 + s_cur**2))
 
 
-def inversion_step(denoise: Denoise, x: torch.Tensor, s_cur: torch.Tensor, s_dst: torch.Tensor, cond: torch.Tensor,
+def inversion_step(denoise: Denoiser, x: torch.Tensor, s_cur: torch.Tensor, s_dst: torch.Tensor, cond: torch.Tensor,
                    run: Optional[RunState] = None) -> torch.Tensor:
     """One DDIM inversion step from level ``s_cur`` up to ``s_dst`` (σ-space, x [F, C, h, w]).
 
@@ -126,7 +125,7 @@ def inversion_step(denoise: Denoise, x: torch.Tensor, s_cur: torch.Tensor, s_dst
     return x - s_cur * eps + s_dst * eps
 
 
-def ddim_invert(denoise: Denoise, latents: torch.Tensor, cond: torch.Tensor, schedule: Schedule,
+def ddim_invert(denoise: Denoiser, latents: torch.Tensor, cond: torch.Tensor, schedule: Schedule,
                 should_stop: Optional[Callable[[], None]] = None,
                 on_step: Optional[Callable[[int], None]] = None, run: Optional[RunState] = None) -> torch.Tensor:
     """Conditional-only DDIM inversion. latents [F, C, h, w] (DDPM scale, as encoded) ->
@@ -150,7 +149,7 @@ def ddim_invert(denoise: Denoise, latents: torch.Tensor, cond: torch.Tensor, sch
     return torch.stack(traj[::-1])
 
 
-def guided(denoise: Denoise, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, null: Optional[torch.Tensor],
+def guided(denoise: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, null: Optional[torch.Tensor],
            cfg: float, d_cond: Optional[torch.Tensor] = None, combine: Combine = plain_cfg) -> torch.Tensor:
     """Classifier-free guided x0 (``combine``: D_u + cfg·(D_c − D_u)); without ``null`` the conditional D."""
     frames = x.shape[0]
@@ -162,10 +161,8 @@ def guided(denoise: Denoise, x: torch.Tensor, sigma: torch.Tensor, cond: torch.T
     return combine(d_cond, d_u, cfg, x, sigma)
 
 
-euler_step = ddim_step  # deterministic DDIM in σ-space (vp2p.schedule)
 
-
-def optimise_null_text(denoise: Denoise, trajectory: torch.Tensor, cond: torch.Tensor, null_init: torch.Tensor,
+def optimise_null_text(denoise: Denoiser, trajectory: torch.Tensor, cond: torch.Tensor, null_init: torch.Tensor,
                        schedule: Schedule, settings: InversionSettings,
                        on_step: Optional[Callable[[int, int, float], None]] = None,
                        should_stop: Optional[Callable[[], None]] = None, combine: Combine = plain_cfg) -> NullTextResult:
@@ -201,7 +198,7 @@ def optimise_null_text(denoise: Denoise, trajectory: torch.Tensor, cond: torch.T
                 should_stop()
             with torch.enable_grad():
                 d = guided(denoise, x, s_cur, cond, null, settings.cfg, d_cond, combine)
-                rec = euler_step(x, d, s_cur, s_next) / torch.sqrt(1 + s_next**2)
+                rec = to_data_scale(ddim_step(x, d, s_cur, s_next), s_next)
                 loss = F.mse_loss(rec, target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -212,7 +209,7 @@ def optimise_null_text(denoise: Denoise, trajectory: torch.Tensor, cond: torch.T
                 break
         null = null.detach()
         with torch.no_grad():
-            x = euler_step(x, guided(denoise, x, s_cur, cond, null, settings.cfg, d_cond, combine), s_cur, s_next)
+            x = ddim_step(x, guided(denoise, x, s_cur, cond, null, settings.cfg, d_cond, combine), s_cur, s_next)
         path.append(x)
         out.append(null.clone())
         iterations.append(used)
@@ -222,7 +219,7 @@ def optimise_null_text(denoise: Denoise, trajectory: torch.Tensor, cond: torch.T
     return NullTextResult(torch.stack(out), iterations, losses, torch.stack(path))
 
 
-def reconstruct(denoise: Denoise, z_t: torch.Tensor, cond: torch.Tensor, schedule: Schedule, cfg: float,
+def reconstruct(denoise: Denoiser, z_t: torch.Tensor, cond: torch.Tensor, schedule: Schedule, cfg: float,
                 null_embeddings: Optional[torch.Tensor], combine: Combine = plain_cfg) -> torch.Tensor:
     """Sample from z_T with per-step null embeddings (or unguided when ``None``); returns the
     latent at the final sigma in the DDPM scale. z_t [F, C, h, w] in σ-space at σ₀."""
@@ -231,7 +228,7 @@ def reconstruct(denoise: Denoise, z_t: torch.Tensor, cond: torch.Tensor, schedul
     with torch.no_grad():
         for i in range(schedule.steps):
             null = None if null_embeddings is None else null_embeddings[i]
-            x = euler_step(x, guided(denoise, x, sig[i], cond, null, cfg, combine=combine), sig[i], sig[i + 1])
+            x = ddim_step(x, guided(denoise, x, sig[i], cond, null, cfg, combine=combine), sig[i], sig[i + 1])
     return to_data_scale(x, sig[-1])
 
 

@@ -96,6 +96,24 @@ class WordMaps:
                 for p, pos in ((p_source, self.spec.source_positions), (p_target, self.spec.target_positions))]
         self._current.setdefault(factor, []).append(torch.stack(maps))
 
+    def applies(self, step: int) -> bool:
+        """Whether the latents are blended after ``step`` (a subclass's window)."""
+        raise NotImplementedError
+
+    def mask(self) -> Optional[torch.Tensor]:
+        """[F, 1, h, w] bool: where the target keeps its own latent (None before any map)."""
+        raise NotImplementedError
+
+    def blend(self, step: int, x_source: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor:
+        """x_*: [F, C, h, w]; the target inside the mask, the source outside (unchanged outside the window)."""
+        if not self.applies(step):
+            return x_target
+        m = self.mask()
+        if m is None:
+            return x_target
+        self.last_mask = m
+        return torch.where(m.to(x_target.device), x_target, x_source)
+
     def _close_step(self) -> Optional[torch.Tensor]:
         """The step's map [2 (source, target), F, h, w], averaged over its layers (None if none was
         recorded); the first step with maps fixes the resolution used."""
@@ -141,14 +159,3 @@ class LocalBlend(WordMaps):
 
     def applies(self, step: int) -> bool:
         return int(self.spec.start * self.steps) <= step < int(self.spec.end * self.steps)
-
-    def blend(self, step: int, x_source: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor:
-        """x_*: [F, C, h, w]; returns the blended target latent (unchanged before ``start``)."""
-        if not self.applies(step):
-            return x_target
-        m = self.mask()
-        if m is None:
-            return x_target
-        self.last_mask = m
-        m = m.to(x_target.device)
-        return torch.where(m, x_target, x_source)

@@ -30,7 +30,6 @@ from .errors import SettingsError, VP2PError
 
 log = logging.getLogger("VideoP2P")
 
-Denoise = Denoiser  # the one protocol (vp2p.denoise); tuning calls it conditional only
 
 TRAINABLE_UNET_SUFFIXES = (".attn1.to_q.weight", ".attn2.to_q.weight")
 # The modules of a temporal layer (``TemporalAttention``) that tuning trains; its ``norm`` stays frozen.
@@ -109,7 +108,7 @@ def prediction_and_target(x: torch.Tensor, denoised: torch.Tensor, x0: torch.Ten
     return eps_hat, noise
 
 
-def tune(denoise: Denoise, latents: torch.Tensor, cond: torch.Tensor, params: Sequence[torch.Tensor],
+def tune(denoise: Denoiser, latents: torch.Tensor, cond: torch.Tensor, params: Sequence[torch.Tensor],
          alphas_cumprod: torch.Tensor, settings: TuneSettings, prediction: str = "eps",
          on_step: Optional[Callable[[int, float], None]] = None,
          should_stop: Optional[Callable[[], None]] = None) -> list[float]:
