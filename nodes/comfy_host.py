@@ -93,15 +93,11 @@ def check_latent(model: Any, samples: Any, what: str) -> None:
             f"{what}: the latent has {samples.shape[1]} channels but this model takes {channels}. Encode the frames with this "
             "checkpoint's VAE."
         )
-    downsamples = sum(type(m).__name__ == "Downsample" for m in dm.modules())
-    factor = 2**downsamples
     h, w = samples.shape[-2:]
-    if h % factor or w % factor:
-        raise SettingsError(
-            f"{what}: a latent of {h}×{w} ({h * 8}×{w * 8} pixels) cannot pass this UNet, which halves the size {downsamples} times: "
-            f"height and width must be multiples of {factor} ({factor * 8} pixels). Resize the frames, e.g. to "
-            f"{max(factor, h // factor * factor) * 8}×{max(factor, w // factor * factor) * 8}."
-        )
+    if h < 1 or w < 1:
+        raise SettingsError(f"{what}: the latent is {h}×{w}; it needs at least one pixel of latent (8 pixels) each way.")
+    # Any size passes: ComfyUI's UNet halves with ceil (stride-2 convolutions) and upsamples to each skip
+    # connection's shape, and every per-layer token grid the pack uses is derived the same way (grid_of).
 
 
 def block_shapes(model: Any, blocks: dict[LayerKey, str]) -> dict[LayerKey, BlockShape]:

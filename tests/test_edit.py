@@ -124,6 +124,19 @@ def test_self_replace_temporal_by_default_frame_on_request(prompt):
 
 # -- LocalBlend -------------------------------------------------------------------------------------
 
+def test_token_grids_follow_the_unet_at_any_size():
+    """grid_of gives, at each level, the size a stride-2 convolution with padding 1 (the UNet's downsampler) gives:
+    e.g. 512×288 → latent 64×36 → 32×18 → 16×9 → 8×5, and 448×320 → 56×40 → … → 7×5."""
+    conv = torch.nn.Conv2d(1, 1, 3, stride=2, padding=1)
+    for hw in [(36, 64), (40, 56), (9, 7), (64, 64), (5, 3)]:
+        x = torch.zeros(1, 1, *hw)
+        for factor in (1, 2, 4, 8):
+            h, w = x.shape[-2:]
+            assert grid_of(h * w, hw) == (factor, h, w), (hw, factor)
+            x = conv(x)
+    assert grid_of(16 * 9, (36, 64)) == (4, 9, 16) and grid_of(8 * 5, (36, 64)) == (8, 5, 8)
+
+
 def test_local_blend_masks_are_per_frame_and_keep_the_source_outside():
     assert grid_of(12 * 8, (12, 8)) == (1, 12, 8) and grid_of(6 * 4, (12, 8)) == (2, 6, 4) and grid_of(7, (12, 8)) is None
     frames, h, w = 2, 8, 8

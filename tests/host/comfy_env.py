@@ -93,6 +93,36 @@ def make_models(levels: int, seed: int = 0) -> tuple[Any, Any]:
     return unet, patcher
 
 
+def make_narrow_sd15(seed: int = 0, width: int = 32) -> Any:
+    """A ComfyUI SD1.5 model with the full depth (4 levels, 3 downsamplings, 16 transformer keys) but ``width``
+    channels instead of 320: ComfyUI's own UNet class and config type (SD15: eps, its latent format), built as
+    ComfyUI's loader builds a detected model, fast enough on a CPU to run latents of real frame sizes. Detection
+    alone would refuse it (it matches model_channels 320), so the detected config is given to SD15 directly."""
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    import comfy.utils
+    from diffusers import UNet2DConditionModel
+
+    from tests.helpers import init_weights
+
+    dcfg, ccfg = sd15_unet_config(4)
+    dcfg["block_out_channels"] = tuple(c * width // 320 for c in dcfg["block_out_channels"])
+    unet = init_weights(UNet2DConditionModel(**dcfg), seed).eval()
+    dsd = unet.state_dict()
+    sd = {comfy_key: dsd[diff_key].clone() for diff_key, comfy_key in comfy.utils.unet_to_diffusers(ccfg).items() if diff_key in dsd}
+    unet_config = comfy.model_detection.detect_unet_config(sd, "")
+    assert unet_config["model_channels"] == width, unet_config
+    config = comfy.supported_models.SD15(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode():
+        model = config.get_model(sd, "")
+        model.load_model_weights(sd, "")
+    return comfy.model_patcher.CoreModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                                offload_device=comfy.model_management.unet_offload_device())
+
+
 def comfy_eps(patcher: Any, x: torch.Tensor, t: int, ctx: torch.Tensor, cond_or_uncond: Optional[list[int]] = None,
               extra: Optional[dict] = None) -> torch.Tensor:
     """One real ComfyUI UNet forward (patches and injections applied), returning eps.
