@@ -15,12 +15,12 @@ The limit, in GB (decimal), is, first found:
 3. 20 GB.
 
 Routes: ``GET /vp2p/cache`` (location, size, entries, limit) and ``POST /vp2p/cache/clear``
-(→ ``{files, bytes, freed_text, ...}``); ``POST /vp2p/cache/trim`` applies the limit now (the
-frontend calls it when the setting changes; body ``{"limit_gb": x}`` optional).
+(→ ``{files, bytes, freed_text, skipped, ...}``). A lowered limit applies at the next write.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -127,14 +127,6 @@ def clear_all() -> dict[str, Any]:
             "remaining_bytes": freed.remaining_bytes + old.remaining_bytes}
 
 
-def trim(limit_gb: object = None) -> dict[str, Any]:
-    """Apply the limit now (``limit_gb`` given: that one, as the frontend just set it)."""
-    cache, _ = _dirs()
-    bytes_ = None if limit_gb is None else parse_limit_gb(limit_gb, "limit_gb")
-    freed = enforce_limit(cache, (), bytes_)
-    return {"files": freed.files, "bytes": freed.nbytes, "freed_text": freed.text(), "remaining_bytes": freed.remaining_bytes}
-
-
 def register_cache_routes() -> None:
     """Add the cache routes to ComfyUI's server (no-op without a running server, e.g. in scripts)."""
     try:
@@ -153,30 +145,15 @@ def register_cache_routes() -> None:
     @server.routes.get(ROUTE)
     async def cache_info(request: "web.Request") -> "web.Response":
         try:
-            return web.json_response(report())
+            return web.json_response(await asyncio.to_thread(report))  # walks the folder: off the event loop
         except OSError as e:
             return failed("Reading the cache", e)
 
     @server.routes.post(ROUTE + "/clear")
     async def cache_clear(request: "web.Request") -> "web.Response":
         try:
-            return web.json_response(clear_all())
+            return web.json_response(await asyncio.to_thread(clear_all))
         except OSError as e:
             return failed("Clearing the cache", e)
-
-    @server.routes.post(ROUTE + "/trim")
-    async def cache_trim(request: "web.Request") -> "web.Response":
-        body: Any = {}
-        if request.can_read_body:
-            try:
-                body = await request.json()
-            except ValueError:
-                return web.json_response({"error": "The request body must be JSON, e.g. {\"limit_gb\": 20}."}, status=400)
-        try:
-            return web.json_response(trim(body.get("limit_gb") if isinstance(body, dict) else None))
-        except ValueError as e:
-            return web.json_response({"error": str(e)}, status=400)
-        except OSError as e:
-            return failed("Trimming the cache", e)
 
     server._vp2p_cache_routes = True
