@@ -13,11 +13,13 @@ from .tune_nodes import LoadTunedT2S, TuneOnVideo
 
 class VideoP2PExtension(ComfyExtension):
     async def on_load(self) -> None:
+        from .cache_admin import register_cache_routes
         from .routes import register_routes
         from .storage import register_folders
 
         register_folders()
         register_routes()
+        register_cache_routes()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [InflateT2S, TuneOnVideo, LoadTunedT2S, NullTextInvert, SaveInversion, LoadInversion,

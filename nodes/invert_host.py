@@ -37,12 +37,14 @@ import torch
 
 from ..vp2p import LayoutSpec, RunState, SettingsError
 from ..vp2p.attention_store import AttentionStore, AttentionStoreError, StoreLocation, StoreRecorder, StoreSpec, cond_digest, record_missing_steps
+from ..vp2p.cache_budget import touch
 from ..vp2p.disk_cache import load_or_compute
 from ..vp2p.fingerprint import fingerprint
 from ..vp2p.inversion import InversionMode, InversionSettings, ddim_invert, optimise_null_text
 from ..vp2p.inversion_file import FORMAT, Inversion, load_inversion, save_inversion
 from ..vp2p.schedule import Schedule
 from .autograd_host import BACKWARD_MEMORY, autograd, make_autograd_clone
+from .cache_admin import after_write, enforce_limit
 from .comfy_call import Stage, run_stage
 from .comfy_host import check_latent, get_state, options_cacheable
 from .model_facts import alphas_cumprod, conditioning_key, conditioning_tensor, model_fingerprint, prediction_kind
@@ -167,8 +169,10 @@ def invert_cached(model: Any, positive: list, negative: list, samples: torch.Ten
                   cache: Optional[Path], progress: Optional[Progress] = None, store_spec_: Optional[StoreSpec] = None,
                   store_location: StoreLocation = StoreLocation.CPU, store_root: Optional[Path] = None) -> Inversion:
     """``invert`` behind a content-addressed file in ``cache`` (no cache when ``None``); with
-    ``store_spec_`` also FateZero's attention store, cached in a folder under ``cache`` (a
-    ``disk`` store always lives in a folder: under ``cache``, else ``store_root``)."""
+    ``store_spec_`` also FateZero's attention store. A ``cpu`` store lives in RAM only and writes
+    nothing (it reuses a finished ``disk`` store of the same inversion when ``cache`` holds one, else
+    it is recorded again, on the cached inversion when that is a hit); a ``disk`` store lives in a
+    folder under ``cache`` (else ``store_root``) that counts toward the cache's size limit."""
     check_latent(model, samples, NODE)
     fp = model_fingerprint(model)
     key = cache_key(fp, samples, positive, negative, settings)
@@ -183,24 +187,27 @@ def invert_cached(model: Any, positive: list, negative: list, samples: torch.Ten
     path = None if cache is None else cache / f"inversion_{key[:40]}.safetensors"
     if key is None:  # a disk store still needs a folder of its own, never another inversion's
         key = f"uncached-{uuid.uuid4().hex}"
-    store, recording = None, None
+    store, recording, on_disk = None, None, store_location is StoreLocation.DISK
     if store_spec_ is not None:
-        on_disk = store_location is StoreLocation.DISK
         root = cache if cache is not None else (store_root if on_disk else None)
         folder = None if root is None else root / f"attention_{fingerprint((), {'inversion': key, 'spec': store_spec_.to_json()})[:40]}"
         if cache is not None and folder is not None and (folder / "spec.json").is_file():
             try:
                 store = AttentionStore.open(folder, in_memory=not on_disk)
+                touch(folder)
                 log.info("%s: attention store cache hit %s.", NODE, folder.name)
             except AttentionStoreError as e:
                 log.warning("%s: ignoring a damaged attention store (%s); recording again.", NODE, e)
         if store is None:
-            if folder is not None and (folder / "spec.json").exists():
+            if not on_disk:
+                folder = None  # cpu: in RAM only, nothing written
+            elif (folder / "spec.json").exists():
                 (folder / "spec.json").unlink()  # whole again only once the new recording is finished
             recording = AttentionStore(store_spec_, folder, in_memory=not on_disk)
+    recording_dir = None if recording is None else recording.directory
     inv, hit = load_or_compute(path, load_inversion,
                                lambda: invert(model, positive, negative, samples, settings, progress, fingerprint_=fp, store=recording),
-                               save_inversion, NODE)
+                               save_inversion, NODE, after_write(cache, recording_dir))
     if hit and inv.cfg != settings.cfg:  # ddim_only: cfg is not in the key (unused); report what was asked
         inv = dataclasses.replace(inv, cfg=settings.cfg)
     if recording is not None:
@@ -208,6 +215,8 @@ def invert_cached(model: Any, positive: list, negative: list, samples: torch.Ten
             calls = record_for_cached(model, positive, inv, recording)
             log.info("%s: recorded the attention store on the cached inversion (%d UNet calls).", NODE, calls)
         store = recording.finish()
+        if recording_dir is not None:
+            enforce_limit(recording_dir.parent, (recording_dir, path))
     if store is not None:
         inv.attention = store
         s = store.spec

@@ -72,7 +72,7 @@ class NullTextInvert(io.ComfyNode):
                                          "extra UNet call and the store's memory (logged; ≈6 GB for 8 frames of 512² at 50 "
                                          "steps); P2P edits do not need it."),
                 io.Boolean.Input("use_cache", default=True, optional=True,
-                                 tooltip="Reuse an identical earlier inversion from output/vp2p_inversions/cache (a hit costs a "
+                                 tooltip="Reuse an identical earlier inversion from models/vp2p/cache (a hit costs a "
                                          "file read, no UNet call). Turning store_attention on later reuses the cached inversion "
                                          "and records only the store."),
                 io.Float.Input("store_steps", default=0.8, min=0.02, max=1.0, step=0.02, optional=True,
@@ -84,9 +84,9 @@ class NullTextInvert(io.ComfyNode):
                                      "all but the finest layers at 512²). Fusion acts on exactly the stored layers."),
                 io.Combo.Input("store_location", options=[s_.value for s_ in StoreLocation], default=StoreLocation.CPU.value,
                                optional=True,
-                               tooltip="cpu: the store is kept in RAM (fastest edits). disk: one file per step under "
-                                       "output/vp2p_inversions/cache, read back one step at a time while editing (RAM stays "
-                                       "at one step)."),
+                               tooltip="cpu: the store is kept in RAM only (fastest edits; nothing is written to disk). "
+                                       "disk: one file per step under models/vp2p/cache, read back one step at a time while "
+                                       "editing (RAM stays at one step); it counts toward the cache's size limit."),
             ],
             outputs=[
                 Inversion.Output("inversion", tooltip="The inversion: latent trajectory, per-step null embeddings, source "
@@ -105,7 +105,7 @@ class NullTextInvert(io.ComfyNode):
 
         from .invert_host import invert_cached, store_spec
         from .progress import progress_text
-        from .storage import inversion_cache_dir
+        from .storage import cache_dir
 
         settings = InversionSettings(steps=int(steps), cfg=float(cfg), mode=InversionMode.parse(mode),
                                      inner_steps=int(inner_steps), early_stop=float(early_stop))
@@ -123,8 +123,8 @@ class NullTextInvert(io.ComfyNode):
 
             check_latent(model, samples, "Shared Null-Text Invert")
             spec = store_spec(model, positive, samples.shape[0], settings.steps, float(store_steps), int(store_max_tokens))
-        inv = invert_cached(model, positive, negative, samples, settings, inversion_cache_dir() if use_cache else None, progress,
-                            spec, StoreLocation.parse(store_location), inversion_cache_dir())
+        inv = invert_cached(model, positive, negative, samples, settings, cache_dir() if use_cache else None, progress,
+                            spec, StoreLocation.parse(store_location), cache_dir())
         return io.NodeOutput(inv, _noise_latent(model, inv))
 
 

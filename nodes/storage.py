@@ -1,6 +1,8 @@
 """Where the pack keeps files inside ComfyUI: ``models/vp2p/`` (registered with
-``folder_paths`` as ``vp2p``: named tuned models users save, share and load) and
-``models/vp2p/cache/`` (content-addressed results; safe to delete)."""
+``folder_paths`` as ``vp2p``: named tuned models users save, share and load),
+``models/vp2p/cache/`` (content-addressed results: tuned models, inversions, attention stores
+on disk; safe to delete, size-limited by ``cache_admin``) and ``output/vp2p_inversions/``
+(inversions users save: results, not caches)."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ def models_dir() -> Path:
 
 
 def cache_dir() -> Path:
+    """``models/vp2p/cache``: every cache of the pack (``tune_*``, ``inversion_*``, ``attention_*``)."""
     return models_dir() / "cache"
 
 
@@ -71,8 +74,9 @@ def inversions_dir() -> Path:
     return Path(folder_paths.get_folder_paths(INVERSIONS)[0])
 
 
-def inversion_cache_dir() -> Path:
-    """Content-addressed inversions (safe to delete; they survive server restarts, unlike temp)."""
+def legacy_inversion_cache_dir() -> Path:
+    """``output/vp2p_inversions/cache``, where earlier versions cached inversions: only cleared now
+    (the inversion cache is ``cache_dir()``)."""
     return inversions_dir() / "cache"
 
 

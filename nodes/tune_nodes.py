@@ -81,6 +81,7 @@ def tune_cached(model, positive, samples, settings: TuneSettings, progress, save
     from ..vp2p.fingerprint import fingerprint
     from ..vp2p.tuned_file import load_tuned, save_tuned
     from ..vp2p.tuning import TRAINABLE_SET
+    from .cache_admin import after_write
     from .comfy_host import options_cacheable
     from .model_facts import conditioning_key, conditioning_tensor, model_fingerprint
     from .storage import cache_dir, named_path
@@ -117,7 +118,7 @@ def tune_cached(model, positive, samples, settings: TuneSettings, progress, save
                                 final_loss=f"{sum(losses[-10:]) / len(losses[-10:]):.6g}")
         return weights
 
-    weights, _ = load_or_compute(cached, load_tuned, train, save_tuned, "Tune on Video")
+    weights, _ = load_or_compute(cached, load_tuned, train, save_tuned, "Tune on Video", after_write(cache_dir()))
     if target is not None:
         save_tuned(target, weights)
         log.info("Tune on Video: saved %s", target)

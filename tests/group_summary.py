@@ -9,7 +9,7 @@ merges those files with what the script knows about groups it did not run, print
 * a group that failed, errored or (when no pytest arguments narrowed the run) collected nothing fails;
 * in CI (``CI`` set to anything but ``false``/``0``) a ComfyUI host group that was skipped fails unless
   ``VP2P_SKIP_COMFY=1`` skipped it on purpose; frontend tests that were skipped fail unless
-  ``VP2P_SKIP_FRONTEND=1`` did (``tests/host/test_frontend.py`` already fails them; this is the net).
+  ``VP2P_SKIP_FRONTEND=1`` did (``tests/host/test_frontend*.py`` already fail them; this is the net).
 
 Standard library only: it runs under either environment's Python.
 """
@@ -29,8 +29,8 @@ GROUPS: dict[str, Callable[[str], bool]] = {
     DIFFUSERS: lambda p: p.endswith("test_diffusers_host.py"),
     COMFY: lambda p: "/tests/host/" in p,
 }
-# Reported inside the ComfyUI host line: the tests that need a browser.
-FRONTEND_FILE = "/tests/host/test_frontend.py"
+# Reported inside the ComfyUI host line: the tests that need a browser (tests/host/test_frontend*.py).
+FRONTEND_FILE = "/tests/host/test_frontend"
 
 SKIP_COMFY_ENV = "VP2P_SKIP_COMFY"
 SKIP_FRONTEND_ENV = "VP2P_SKIP_FRONTEND"
@@ -65,7 +65,7 @@ def count_reports(stats: dict) -> dict[str, dict]:
                 if not match(path):
                     continue
                 counts[g][key] += 1
-                if path.endswith(FRONTEND_FILE):
+                if FRONTEND_FILE in path and path.endswith(".py"):
                     counts[g]["frontend"][key] += 1
                 if outcome == "skipped" and isinstance(rep.longrepr, tuple):
                     reasons[g].add(str(rep.longrepr[2]).removeprefix("Skipped: "))

@@ -165,11 +165,12 @@ def _write_extra_paths(path: Path, models_dir: Path, custom_nodes_dir: Path, vp2
 @contextmanager
 def comfy_server(comfy_path: Path, pack_root: Path, models_dir: Path, output_dir: Path,
                  startup_timeout: float = 120.0, extra_args: tuple[str, ...] = (),
-                 controlnet_dir: Optional[Path] = None) -> Iterator[ComfyClient]:
+                 controlnet_dir: Optional[Path] = None, vp2p_dir: Optional[Path] = None) -> Iterator[ComfyClient]:
     """Run a ComfyUI server (CPU, loopback, free port) with the pack loaded; yields a :class:`ComfyClient`.
 
     ``models_dir`` is added as a ``checkpoints`` folder, ``controlnet_dir`` (if given) as a ``controlnet``
-    folder, ``output_dir`` is the output directory. The server is always terminated on exit.
+    folder, ``output_dir`` is the output directory, ``vp2p_dir`` (if given; else a temporary folder) the
+    pack's ``models/vp2p`` folder with its cache. The server is always terminated on exit.
     """
     comfy_path, pack_root = Path(comfy_path).resolve(), Path(pack_root).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +182,9 @@ def comfy_server(comfy_path: Path, pack_root: Path, models_dir: Path, output_dir
         for d in ("user", "input", "temp_root", "vp2p"):
             (tmp / d).mkdir()
         extra_paths = tmp / "extra_model_paths.yaml"
-        _write_extra_paths(extra_paths, models_dir, custom_nodes, tmp / "vp2p", controlnet_dir)
+        if vp2p_dir is not None:
+            vp2p_dir.mkdir(parents=True, exist_ok=True)
+        _write_extra_paths(extra_paths, models_dir, custom_nodes, vp2p_dir or tmp / "vp2p", controlnet_dir)
         port = _free_port()
         cmd = [
             sys.executable, str(comfy_path / "main.py"),

@@ -147,12 +147,17 @@ def test_turning_the_store_on_reuses_the_cached_inversion(pack, zero_shot, clip,
         assert "recorded the attention store on the cached inversion" in caplog.text
         fresh = host.invert_cached(model, positive, negative, latents, settings, None, None, spec)  # recorded while inverting
         with UNetCalls(model) as calls:
-            hit = host.invert_cached(model, positive, negative, latents, settings, tmp_path, None, spec)
-        assert calls.count == 0
+            again = host.invert_cached(model, positive, negative, latents, settings, tmp_path, None, spec)
+        assert calls.count == STEPS  # store_location cpu writes nothing: its store is recorded again, the inversion a hit
+        assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("inversion_")] == []
         lazy = host.invert_cached(model, positive, negative, latents, settings, tmp_path, None, spec, loc.DISK)
+        with UNetCalls(model) as calls:  # a finished disk store is read into RAM for a cpu store: no UNet call
+            hit = host.invert_cached(model, positive, negative, latents, settings, tmp_path, None, spec)
+        assert calls.count == 0 and hit.attention.in_memory
     for s in range(STEPS):
         for name, t in fresh.attention.step(s).items():
             torch.testing.assert_close(added.attention.get(s, name), t, atol=0, rtol=0)
+            torch.testing.assert_close(again.attention.get(s, name), t, atol=0, rtol=0)
             torch.testing.assert_close(hit.attention.get(s, name), t, atol=0, rtol=0)
     assert not lazy.attention.in_memory and lazy.attention.directory.parent == tmp_path
     control = fatezero(pack, clip, blend_words="jeep", blend_threshold=0.5)

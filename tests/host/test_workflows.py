@@ -292,12 +292,12 @@ def test_example_workflow_runs(workflow_path: Path, comfy_client: ComfyClient):
 
 
 def test_inversion_survives_a_server_restart(comfy_path, random_checkpoint: Path, tmp_path: Path):
-    """The inversion's disk cache lives in the output folder: a restarted server inverts nothing."""
+    """The inversion's disk cache (models/vp2p/cache) survives a restart: a restarted server inverts nothing."""
     workflow = json.loads((ROOT / "example_workflows" / "invert_and_reconstruct.json").read_text(encoding="utf-8"))
     output_dir = tmp_path / "output"
     logs, saved = [], []
     for _ in range(2):
-        with comfy_server(comfy_path, ROOT, random_checkpoint.parent, output_dir) as client:
+        with comfy_server(comfy_path, ROOT, random_checkpoint.parent, output_dir, vp2p_dir=tmp_path / "vp2p") as client:
             prompt = shrink_for_cpu(ui_to_api(workflow, client.object_info()), CKPT_NAME)
             for node in prompt.values():
                 if node["class_type"] == "LoadVideo":
@@ -310,7 +310,8 @@ def test_inversion_survives_a_server_restart(comfy_path, random_checkpoint: Path
     assert hit not in logs[0] and "inner iterations per step" in logs[0], logs[0][-3000:]
     assert hit in logs[1], logs[1][-3000:]
     assert "inner iterations per step" not in logs[1]
-    assert len(list((output_dir / "vp2p_inversions" / "cache").glob("inversion_*.safetensors"))) == 1
+    assert len(list((tmp_path / "vp2p" / "cache").glob("inversion_*.safetensors"))) == 1
+    assert not (output_dir / "vp2p_inversions" / "cache").exists()  # caches are not outputs
     (first, meta0), (second, meta1) = saved
     assert meta0 == meta1 and first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)  # the same inversion, bit for bit
