@@ -247,10 +247,11 @@ def global_alignment(a: Sequence[int], b: Sequence[int], match: int = MATCH, mis
 
 
 def parse_word_values(text: str, option: str, low: float, high: float) -> dict[str, float]:
-    """``"word:2.0, other:0.5"`` -> {"word": 2.0, "other": 0.5}; empty -> {}."""
+    """``"word:2.0, other:0.5"`` -> {"word": 2.0, "other": 0.5}; empty -> {}. The value follows the
+    word's last colon (``embedding:style:1.5`` names the word ``embedding:style``)."""
     out: dict[str, float] = {}
     for part in [p.strip() for p in text.split(",") if p.strip()]:
-        match = re.fullmatch(r"([^:\s]+)\s*:\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)", part)
+        match = re.fullmatch(r"(\S+)\s*:\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)", part)
         if match is None:
             raise SettingsError(f"{option}: {part!r} is not 'word:number'. Write pairs like 'cat:2.0, dog:0.5'.")
         value = float(match.group(2))
