@@ -122,7 +122,7 @@ def test_fatezero_and_guidance_static_errors_refused(server):
          "latent_blend_target_words: 'car' is not a word of the target prompt"),
         (dict(blend_words="jeep", latent_blend=True, latent_blend_start=0.8, latent_blend_end=0.2), "use 0 ≤ start < end ≤ 1"),
         (dict(reweight="red:x"), "is not 'word:number'"),
-        (dict(edit="replace", target_prompt="a shiny red jeep on a road"), "source has 5 words and the target 6"),
+        (dict(edit="replace", target_prompt="a shiny red jeep on a road"), "source has 6 words and the target 7"),
     ]:
         prompt, ctl = p2p_graph(info, **{**fz, **change})
         assert message in messages(refused(server, prompt), ctl), change
