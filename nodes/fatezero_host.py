@@ -48,6 +48,26 @@ def build_fatezero(clip: Any, source_prompt: str, target_prompt: str, cross_repl
     return FateZeroEdit(p2p, positions, float(blend_threshold), BlendLatent.parse(latent_blend_source))
 
 
+def check_fatezero_inputs(source_prompt: Optional[str], target_prompt: Optional[str], blend_words: Optional[str], reweight: Optional[str],
+                          latent_blend: Optional[bool], edit: Optional[str] = "auto", latent_blend_target_words: Optional[str] = "",
+                          latent_blend_start: Optional[float] = 0.2, latent_blend_end: Optional[float] = 0.8) -> None:
+    """The FateZero Controller's checks that need no CLIP (its ``validate_inputs``); None = unknown (linked), skipped."""
+    from ..vp2p.prompt_align import check_edit_words
+    from .prompt_host import parse_weights
+
+    check_edit_words(source_prompt, target_prompt, "auto" if edit is None else edit, parse_weights, reweight=reweight,
+                     source_lists={"blend_words": blend_words}, target_lists={"latent_blend_target_words": latent_blend_target_words})
+    if latent_blend and blend_words is not None and not split_words(blend_words):
+        raise SettingsError(f"{NODE}: latent_blend keeps the video outside the blend words' region, so it needs blend_words "
+                            "(source words, e.g. 'jeep'). Name them, or turn latent_blend off.")
+    for name, value in (("latent_blend_start", latent_blend_start), ("latent_blend_end", latent_blend_end)):
+        if value is not None and not 0.0 <= float(value) <= 1.0:
+            raise SettingsError(f"{NODE}: {name}={value} is a fraction of the steps; use a value between 0 and 1.")
+    if latent_blend and latent_blend_start is not None and latent_blend_end is not None and not latent_blend_start < latent_blend_end:
+        raise SettingsError(f"{NODE}: the latent blend runs from latent_blend_start={latent_blend_start} to "
+                            f"latent_blend_end={latent_blend_end}; use 0 ≤ start < end ≤ 1 (FateZero: 0.2 to 0.8).")
+
+
 def check_fusion(model: Any, inversion: Inversion, control: FateZeroEdit) -> None:
     """Everything a fused edit needs, checked before any UNet call."""
     if not isinstance(inversion, Inversion):

@@ -90,20 +90,36 @@ class CrossAttentionGuidance(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, prompt: "str | None" = None, word: "str | None" = None) -> "bool | str":
+        """Before the run: ``word`` names words of ``prompt`` (its plain words: '(ball:1.2)' is 'ball')."""
+        from ..vp2p import SettingsError
+        from ..vp2p.prompt_align import check_words_present, prompt_words, split_words
+        from .prompt_host import parse_weights, validation_message
+
+        def check() -> None:
+            if word is None:
+                return
+            if not split_words(word):
+                raise SettingsError("word is empty: name the word of the prompt whose object is moved (e.g. 'ball').")
+            if prompt is not None:
+                check_words_present([w for w, _ in prompt_words(prompt, parse_weights)], split_words(word), "word", "positive", prompt)
+
+        return validation_message(check)
+
+    @classmethod
     def execute(cls, model, positive, negative, cfg: float, clip, prompt: str, word: str, target_masks, strength: float,
                 schedule: str = "study", layers: str = "16x16_8x8_middle") -> io.NodeOutput:
         from ..vp2p import SettingsError
-        from ..vp2p.prompt_align import split_words, tokenize_prompt, word_positions
+        from ..vp2p.prompt_align import split_words, word_positions
         from .guidance_host import CrossAttentionGuider, guided_model
-        from .p2p_host import clip_word_tokenizer, encode_prompt
+        from .prompt_host import encode_prompt, tokenized_prompt
 
-        encode, context = clip_word_tokenizer(clip)
-        tokens = tokenize_prompt(prompt, encode, context)
+        tokens = tokenized_prompt(clip, prompt)
         positions = tuple(word_positions(tokens, split_words(word), "word", "positive"))
         if not positive:
             raise SettingsError("The positive CONDITIONING is empty; connect a CLIP Text Encode of the prompt.")
         cond = positive[0][0]
-        ref = encode_prompt(clip, tokens)
+        ref = encode_prompt(clip, prompt)
         if cond.shape[1:] != ref.shape[1:] or not bool((cond[:1].float().cpu() - ref).abs().max() < 1e-3):
             raise SettingsError(f"`prompt` ({prompt!r}) is not the text of the positive conditioning. Type the same text in "
                                 "both (the word's tokens are found in `prompt`).")

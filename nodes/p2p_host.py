@@ -1,4 +1,5 @@
-"""Prompt-to-prompt in ComfyUI: tokenising with the connected CLIP's own tokenizer, building
+"""Prompt-to-prompt in ComfyUI: tokenising with the connected CLIP's own tokenizer
+(``prompt_host``: ComfyUI's emphasis syntax and embeddings, the weights kept), building
 the ``P2PEdit`` (``VP2P_CONTROL``), the decoupled edit as the pack's own loop (``run_edit``) and
 the Attention Maps' one UNet call — both through ComfyUI's conditioning path (``comfy_call``).
 """
@@ -17,47 +18,20 @@ from ..vp2p.inversion_file import Inversion, check_fits
 from ..vp2p.layout import COND, SOURCE, TARGET
 from ..vp2p.local_blend import LocalBlend, LocalBlendSpec
 from ..vp2p.p2p import P2PController, P2PEdit, SelfReplace
-from ..vp2p.prompt_align import EditKind, TokenizedPrompt, parse_word_values, resolve_kind, reweight_vector, split_words, tokenize_prompt, word_positions
+from ..vp2p.prompt_align import EditKind, parse_word_values, resolve_kind, reweight_vector, split_words, word_positions
 from .comfy_call import Stage, bare_conditioning, run_stage
 from .model_facts import model_fingerprint
+from .prompt_host import encode_prompt, tokenized_prompt
 
 log = logging.getLogger("VideoP2P")
-
-
-def clip_word_tokenizer(clip: Any) -> tuple[Callable[[str], list[int]], int]:
-    """(encode a word -> its BPE ids, context length) from a CLIP's own tokenizer (SD1.x/SD2.x)."""
-    outer = getattr(clip, "tokenizer", None)
-    inner = getattr(outer, getattr(outer, "clip", ""), None)
-    hf = getattr(inner, "tokenizer", None)
-    if hf is None or not hasattr(inner, "max_length"):
-        raise SettingsError(
-            f"The P2P controller needs an SD1.x/SD2.x CLIP (one CLIP-L or CLIP-H text encoder); this CLIP's tokenizer is "
-            f"{type(outer).__name__}. Connect the CLIP of the checkpoint the video is edited with."
-        )
-    return (lambda word: list(hf(word, add_special_tokens=False)["input_ids"])), int(inner.max_length)
-
-
-def encode_prompt(clip: Any, prompt: TokenizedPrompt) -> torch.Tensor:
-    """[1, T, D] embedding of ``prompt`` with the CLIP, checking that its tokens are the words' tokens."""
-    tokens = clip.tokenize(prompt.text)
-    ids = [t[0] for t in next(iter(tokens.values()))[0]]
-    body = ids[1:1 + len(prompt.ids)]
-    if len(next(iter(tokens.values()))) != 1 or body != list(prompt.ids):
-        raise SettingsError(
-            f"The prompt {prompt.text!r} does not tokenise word by word (weights like '(word:1.2)', embeddings or "
-            "special syntax change its tokens). Use plain text; re-weight words with the reweight input instead."
-        )
-    cond = clip.encode_from_tokens(tokens)
-    return cond.detach().float().cpu()
 
 
 def build_edit(clip: Any, source_prompt: str, target_prompt: str, edit: str, cross_replace: float, self_replace: float,
                blend_source_words: str, blend_target_words: str, blend_threshold: float, reweight: str,
                cross_replace_words: str = "", self_replace_attention: str = "temporal", blend_start: float = 0.2,
                blend_average: bool = True) -> P2PEdit:
-    encode, context = clip_word_tokenizer(clip)
-    src = tokenize_prompt(source_prompt, encode, context)
-    tgt = tokenize_prompt(target_prompt, encode, context)
+    src = tokenized_prompt(clip, source_prompt)
+    tgt = tokenized_prompt(clip, target_prompt)
     if not src.words or not tgt.words:
         raise SettingsError("Both prompts need at least one word: the source describes the video, the target the edit.")
     kind = resolve_kind(EditKind.parse(edit), src, tgt)
@@ -74,7 +48,7 @@ def build_edit(clip: Any, source_prompt: str, target_prompt: str, edit: str, cro
         blend = LocalBlendSpec(tuple(word_positions(src, src_words, "blend_source_words", "source")),
                                tuple(word_positions(tgt, tgt_words, "blend_target_words", "target")),
                                threshold=float(blend_threshold), start=float(blend_start), average=bool(blend_average))
-    return P2PEdit(src, tgt, encode_prompt(clip, src), encode_prompt(clip, tgt), kind, cross_replace=float(cross_replace),
+    return P2PEdit(src, tgt, encode_prompt(clip, src.text), encode_prompt(clip, tgt.text), kind, cross_replace=float(cross_replace),
                    self_replace=float(self_replace), self_attention=SelfReplace.parse(self_replace_attention),
                    cross_words=cross_words, reweight=reweight_vector(tgt, factors) if factors else None, blend=blend)
 

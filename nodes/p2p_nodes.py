@@ -85,6 +85,19 @@ class P2PController(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, source_prompt: "str | None" = None, target_prompt: "str | None" = None, edit: "str | None" = None,
+                        reweight: "str | None" = None, blend_source_words: "str | None" = None,
+                        blend_target_words: "str | None" = None, cross_replace_words: "str | None" = None) -> "bool | str":
+        """Before the run (no CLIP needed): the edit kind, replace's word counts, the ``word:value`` lists and every
+        listed word in its prompt (plain words: '(cat:1.2)' is 'cat'). A linked input (None) skips its checks."""
+        from ..vp2p.prompt_align import check_edit_words
+        from .prompt_host import parse_weights, validation_message
+
+        return validation_message(lambda: check_edit_words(
+            source_prompt, target_prompt, edit, parse_weights, reweight=reweight, cross_replace_words=cross_replace_words,
+            source_lists={"blend_source_words": blend_source_words}, target_lists={"blend_target_words": blend_target_words}))
+
+    @classmethod
     def execute(cls, clip, source_prompt: str, target_prompt: str, edit: str, cross_replace: float, self_replace: float,
                 blend_source_words: str, blend_target_words: str, blend_threshold: float, reweight: str,
                 cross_replace_words: str = "", self_replace_attention: str = "temporal", blend_start: float = 0.2,
@@ -157,6 +170,20 @@ class FateZeroController(io.ComfyNode):
             outputs=[Control.Output("control", tooltip="The edit, for the Decoupled Sampler (with an inversion that stored "
                                                        "attention).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, source_prompt: "str | None" = None, target_prompt: "str | None" = None, blend_words: "str | None" = None,
+                        reweight: "str | None" = None, latent_blend: "bool | None" = None, edit: "str | None" = None,
+                        latent_blend_target_words: "str | None" = None, latent_blend_start: "float | None" = None,
+                        latent_blend_end: "float | None" = None) -> "bool | str":
+        """Before the run (no CLIP needed): as the P2P Controller's, with blend_words in the source prompt,
+        latent_blend_target_words in the target, latent_blend's words and window."""
+        from .fatezero_host import check_fatezero_inputs
+        from .prompt_host import validation_message
+
+        return validation_message(lambda: check_fatezero_inputs(source_prompt, target_prompt, blend_words, reweight, latent_blend,
+                                                                edit, latent_blend_target_words, latent_blend_start,
+                                                                latent_blend_end))
 
     @classmethod
     def execute(cls, clip, source_prompt: str, target_prompt: str, cross_replace: float, self_replace: float, blend_words: str,

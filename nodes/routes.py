@@ -1,8 +1,11 @@
-"""The server route behind the controller's live token view: ``POST /vp2p/tokenize``.
+"""The server route behind the controllers' live token view: ``POST /vp2p/tokenize``.
 
-Uses the CLIP tokenizer SD1.x uses (ComfyUI's ``comfy/sd1_tokenizer``), loaded once on the
-first request. Body: ``{source, target, edit, reweight, blend_source_words, blend_target_words}``;
-answer: ``vp2p.token_view.describe_edit``'s JSON.
+Tokenises with ComfyUI's tokenizer of the CLIP the controller is connected to (``prompt_host.
+view_tokenizer``: SD1.x, SD2.x or SDXL from the loader's file header or type; SD1.x with a note
+when that cannot be told), each kind made once. Body: ``{source, target, edit, reweight,
+blend_source_words, blend_target_words, cross_replace_words, clip}`` with ``clip`` =
+``{class_type, inputs}`` of the loader feeding the controller; answer:
+``vp2p.token_view.describe_edit``'s JSON plus ``tokenizer`` (its label) and ``notes``.
 """
 
 from __future__ import annotations
@@ -13,27 +16,26 @@ from typing import Any
 log = logging.getLogger("VideoP2P")
 
 ROUTE = "/vp2p/tokenize"
-_tokenizer: dict[str, Any] = {}  # the one SD1.x tokenizer, loaded lazily (a cache, not run state)
-
-
-def _sd1_tokenizer() -> Any:
-    if "hf" not in _tokenizer:
-        import comfy.sd1_clip
-
-        sd = comfy.sd1_clip.SDTokenizer()
-        _tokenizer["hf"], _tokenizer["context"] = sd.tokenizer, int(sd.max_length)  # 77, not the HF tokenizer's limit
-    return _tokenizer["hf"]
+_tokenizers: dict[str, Any] = {}  # ComfyUI tokenizers by kind, made on first use (a cache, not run state)
 
 
 def tokenize_view(body: dict) -> dict:
-    from ..vp2p.prompt_align import hf_encoder
     from ..vp2p.token_view import describe_edit
+    from .prompt_host import pick_key, tokenized_prompt, view_tokenizer
 
-    tok = _sd1_tokenizer()
     text = lambda k: str(body.get(k) or "")
-    return describe_edit(text("source"), text("target"), text("edit") or "auto", text("reweight"),
-                         text("blend_source_words"), text("blend_target_words"), hf_encoder(tok),
-                         lambda i: tok.convert_ids_to_tokens(int(i)).replace("</w>", ""), _tokenizer["context"])
+    tokenizer, label, note = view_tokenizer(body.get("clip"), _tokenizers)
+    _, inner = pick_key(tokenizer)
+    vocab = inner.tokenizer
+
+    def decode(i: int) -> str:
+        return vocab.convert_ids_to_tokens(int(i)).replace("</w>", "") if i >= 0 else "<embedding>"
+
+    view = describe_edit(text("source"), text("target"), text("edit") or "auto", text("reweight"), text("blend_source_words"),
+                         text("blend_target_words"), lambda t: tokenized_prompt(tokenizer, t), decode, text("cross_replace_words"))
+    view["tokenizer"] = label
+    view["notes"] = [note] if note else []
+    return view
 
 
 def register_routes() -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from vp2p.clip_vocab import clip_tokenizer, find_vocab_source
 from vp2p.prompt_align import (
     EditKind,
+    check_edit_words,
     hf_encoder,
     parse_word_values,
+    prompt_words,
     refine_mapper,
     replace_mapper,
     resolve_kind,
@@ -150,7 +154,7 @@ def test_token_view_describes_and_warns(tok):
     from vp2p.token_view import describe_edit
 
     _, t = tok
-    enc = hf_encoder(t)
+    enc = lambda text: tokenize_prompt(text, hf_encoder(t), 77)
     dec = lambda i: t.convert_ids_to_tokens(i).replace("</w>", "")
     view = describe_edit("a cat running", "a snowleopard running", "auto", "snowleopard:2", "cat", "snowleopard", enc, dec)
     assert view["kind"] == "replace" and view["warnings"] == []
@@ -164,3 +168,47 @@ def test_token_view_describes_and_warns(tok):
     assert "edit=refine" in text and "word:number" in text and "'dog' is not a word of the source prompt" in text
     long = describe_edit("cat " * 80, "a cat", "auto", "", "", "", enc, dec)
     assert "75" in long["warnings"][0] and "kind" not in long
+
+
+def _emphasis(text: str) -> list[tuple[str, float]]:
+    """A stand-in for a host's emphasis parse: '(word:w)' segments at weight w."""
+    out, last = [], 0
+    for m in re.finditer(r"\(([^():]+):([\d.]+)\)", text):
+        out += [(text[last:m.start()], 1.0), (m.group(1), float(m.group(2)))]
+        last = m.end()
+    return out + [(text[last:], 1.0)]
+
+
+def test_weighted_prompt_aligns_on_its_plain_words(tok):
+    _, t = tok
+    enc = hf_encoder(t)
+    plain = tokenize_prompt("a cat running", enc, 77)
+    weighted = tokenize_prompt("a (cat:1.3) running", enc, 77, _emphasis)
+    assert weighted.words == plain.words and weighted.ids == plain.ids and weighted.spans == plain.spans
+    assert weighted.weights == (1.0, 1.3, 1.0) and plain.weights == () and weighted.word_weight(1) == 1.3
+    assert weighted.positions("cat") == [2]
+    assert torch.equal(replace_mapper(weighted, tokenize_prompt("a (dog:0.8) running", enc, 77, _emphasis)),
+                       replace_mapper(plain, tokenize_prompt("a dog running", enc, 77)))
+    assert prompt_words("big(cat:1.2) x", _emphasis) == [("big", 1.0), ("cat", 1.2), ("x", 1.0)]
+
+
+def test_static_checks_need_no_tokenizer():
+    ok = dict(reweight="tiger:2", cross_replace_words="tiger:0.5", source_lists={"blend_source_words": "cat"},
+              target_lists={"blend_target_words": "tiger"})
+    check_edit_words("a (cat:1.2) runs", "a tiger runs", "replace", _emphasis, **ok)
+    with pytest.raises(ValueError, match="source has 3 words and the target 4"):
+        check_edit_words("a cat runs", "a big tiger runs", "replace", _emphasis)
+    check_edit_words("a cat runs", "a big tiger runs", "auto", _emphasis)
+    with pytest.raises(ValueError, match="'x' is not 'word:number'"):
+        check_edit_words("a cat", "a dog", "auto", reweight="dog:2, x")
+    with pytest.raises(ValueError, match="out of range"):
+        check_edit_words("a cat", "a dog", "auto", cross_replace_words="dog:1.5")
+    with pytest.raises(ValueError, match="blend_source_words: 'dog' is not a word of the source prompt"):
+        check_edit_words("a cat", "a dog", "auto", source_lists={"blend_source_words": "dog"})
+    with pytest.raises(ValueError, match="reweight: 'cat' is not a word of the target prompt"):
+        check_edit_words("a cat", "a (dog:1.1)", "auto", _emphasis, reweight="cat:2")
+    with pytest.raises(ValueError, match="edit"):
+        check_edit_words("a cat", "a dog", "swap")
+    with pytest.raises(ValueError, match="target prompt is empty"):
+        check_edit_words("a cat", "  ", "auto")
+    check_edit_words(None, "a dog", "replace", reweight="dog:2", source_lists={"blend_source_words": "zzz"})  # linked: skipped

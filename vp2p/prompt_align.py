@@ -3,6 +3,9 @@
 A prompt is tokenised word by word with the model's own CLIP tokenizer (CLIP's BPE splits
 on whitespace first, so the concatenation of the words' tokens is the prompt's tokens; the
 host checks that). Positions count the start token: the first word's first token is at 1.
+A host with an emphasis syntax (ComfyUI's ``(word:1.2)``) passes its parse (``ParseWeights``):
+the words are then the plain words inside it, each with its weight, and a word list such as
+``reweight`` or the blend words names the plain words (``(cat:1.2)`` is the word ``cat``).
 
 * ``replace`` (word swap): both prompts have the same number of words; a swapped word's
   tokens take the source word's attention, a one-to-many token swap spreads it evenly.
@@ -27,6 +30,21 @@ from .errors import SettingsError, parse_option
 
 # word -> its BPE token ids (no start/end tokens)
 Encode = Callable[[str], list[int]]
+# a prompt's text -> its segments (plain text, emphasis weight) in order, e.g. ComfyUI's
+# "a (cat:1.2) runs" -> [("a ", 1.0), ("cat", 1.2), (" runs", 1.0)]
+Segment = tuple[str, float]
+ParseWeights = Callable[[str], Sequence[Segment]]
+
+
+def unweighted(text: str) -> list[Segment]:
+    """The parse of a host without emphasis syntax (diffusers): the whole text at weight 1."""
+    return [(text, 1.0)]
+
+
+def prompt_words(text: str, parse: ParseWeights = unweighted) -> list[tuple[str, float]]:
+    """The prompt's plain words with their emphasis weights: each segment split on whitespace
+    (a segment boundary also ends a word: ``big(cat:1.2)`` is ``big`` and ``cat``)."""
+    return [(w, float(weight)) for seg, weight in parse(text) for w in seg.split()]
 
 
 class EditKind(str, Enum):
@@ -41,15 +59,24 @@ class EditKind(str, Enum):
 
 @dataclass(frozen=True)
 class TokenizedPrompt:
-    """``words`` and each word's token positions ``spans[i] = (start, end)`` (end exclusive);
-    ``ids`` are the prompt's token ids without start/end tokens; ``context`` is the
-    tokenizer's sequence length (77 for CLIP)."""
+    """``words`` (plain, without emphasis syntax) and each word's token positions
+    ``spans[i] = (start, end)`` (end exclusive); ``ids`` are the prompt's token ids without
+    start/end tokens (a host may stand in negative ids for tokens that are no vocabulary entry,
+    e.g. a textual-inversion embedding's vectors); ``context`` is the tokenizer's sequence
+    length (77 for CLIP); ``weights`` the emphasis weight of each token (``len(ids)`` floats;
+    empty: all 1)."""
 
     text: str
     words: tuple[str, ...]
     spans: tuple[tuple[int, int], ...]
     ids: tuple[int, ...]
     context: int
+    weights: tuple[float, ...] = ()
+
+    def word_weight(self, i: int) -> float:
+        """The emphasis weight of word ``i`` (its first token's; 1 for a word without tokens)."""
+        a, b = self.spans[i]
+        return self.weights[a - 1] if self.weights and b > a else 1.0
 
     @property
     def end(self) -> int:
@@ -71,21 +98,39 @@ def split_words(text: str) -> list[str]:
     return text.replace(",", " ").split()
 
 
-def tokenize_prompt(text: str, encode: Encode, context: int) -> TokenizedPrompt:
-    """Split ``text`` into words and their token positions; refuse prompts beyond ``context``."""
-    words = tuple(text.split())
-    spans, ids, pos = [], [], 1
-    for w in words:
-        tok = list(encode(w))
-        spans.append((pos, pos + len(tok)))
-        ids += tok
-        pos += len(tok)
-    if len(ids) + 2 > context:
+def check_length(text: str, tokens: int, context: int) -> None:
+    """Refuse a prompt of more ``tokens`` than fit in ``context`` with its start and end tokens."""
+    if tokens + 2 > context:
         raise SettingsError(
-            f"The prompt {text[:60]!r}… has {len(ids)} tokens; the text encoder takes {context - 2} (plus start and end). "
+            f"The prompt {text[:60]!r}… has {tokens} tokens; the text encoder takes {context - 2} (plus start and end). "
             "Shorten it: prompt-to-prompt aligns one sequence of tokens."
         )
-    return TokenizedPrompt(text, words, tuple(spans), tuple(ids), context)
+
+
+def from_words(text: str, words: Sequence[tuple[str, Sequence[int], Sequence[float]]], context: int) -> TokenizedPrompt:
+    """A ``TokenizedPrompt`` from its words in order, each ``(word, token ids, token weights)``;
+    refuses prompts beyond ``context``."""
+    spans, ids, weights, pos = [], [], [], 1
+    for _, tok, wts in words:
+        if len(tok) != len(wts):
+            raise ValueError(f"{len(tok)} tokens but {len(wts)} weights")
+        spans.append((pos, pos + len(tok)))
+        ids += [int(t) for t in tok]
+        weights += [float(w) for w in wts]
+        pos += len(tok)
+    check_length(text, len(ids), context)
+    plain = all(w == 1.0 for w in weights)
+    return TokenizedPrompt(text, tuple(w for w, _, _ in words), tuple(spans), tuple(ids), context, () if plain else tuple(weights))
+
+
+def tokenize_prompt(text: str, encode: Encode, context: int, parse: ParseWeights = unweighted) -> TokenizedPrompt:
+    """Split ``text`` into its plain words (``parse``: the host's emphasis syntax) and their
+    token positions; refuse prompts beyond ``context``."""
+    words = []
+    for w, weight in prompt_words(text, parse):
+        tok = list(encode(w))
+        words.append((w, tok, [weight] * len(tok)))
+    return from_words(text, words, context)
 
 
 def words_align(source: TokenizedPrompt, target: TokenizedPrompt) -> bool:
@@ -97,11 +142,15 @@ def resolve_kind(kind: EditKind, source: TokenizedPrompt, target: TokenizedPromp
     if kind is EditKind.AUTO:
         return EditKind.REPLACE if words_align(source, target) else EditKind.REFINE
     if kind is EditKind.REPLACE and not words_align(source, target):
-        raise SettingsError(
-            f"edit=replace swaps words one for one, but the source has {len(source.words)} words and the target "
-            f"{len(target.words)} ({source.text!r} → {target.text!r}). Use edit=refine (or auto) for added or removed words."
-        )
+        raise _replace_mismatch(source.words, target.words, source.text, target.text)
     return kind
+
+
+def _replace_mismatch(source: Sequence[str], target: Sequence[str], source_text: str, target_text: str) -> SettingsError:
+    return SettingsError(
+        f"edit=replace swaps words one for one, but the source has {len(source)} words and the target "
+        f"{len(target)} ({source_text!r} → {target_text!r}). Use edit=refine (or auto) for added or removed words."
+    )
 
 
 def replace_mapper(source: TokenizedPrompt, target: TokenizedPrompt) -> torch.Tensor:
@@ -198,10 +247,11 @@ def global_alignment(a: Sequence[int], b: Sequence[int], match: int = MATCH, mis
 
 
 def parse_word_values(text: str, option: str, low: float, high: float) -> dict[str, float]:
-    """``"word:2.0, other:0.5"`` -> {"word": 2.0, "other": 0.5}; empty -> {}."""
+    """``"word:2.0, other:0.5"`` -> {"word": 2.0, "other": 0.5}; empty -> {}. The value follows the
+    word's last colon (``embedding:style:1.5`` names the word ``embedding:style``)."""
     out: dict[str, float] = {}
     for part in [p.strip() for p in text.split(",") if p.strip()]:
-        match = re.fullmatch(r"([^:\s]+)\s*:\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)", part)
+        match = re.fullmatch(r"(\S+)\s*:\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)", part)
         if match is None:
             raise SettingsError(f"{option}: {part!r} is not 'word:number'. Write pairs like 'cat:2.0, dog:0.5'.")
         value = float(match.group(2))
@@ -221,6 +271,50 @@ def word_positions(prompt: TokenizedPrompt, words: Sequence[str], option: str, w
                                 f"(its words: {', '.join(prompt.words)}).")
         out += pos
     return out
+
+
+def check_words_present(words: Sequence[str], names: Sequence[str], option: str, which: str, text: str) -> None:
+    """``names`` (a user's word list) must be words of a prompt whose plain words are ``words``;
+    the same matching as ``TokenizedPrompt.positions`` (case and punctuation ignored)."""
+    have = {_norm(w) for w in words}
+    for name in names:
+        if _norm(name) not in have:
+            raise SettingsError(f"{option}: {name!r} is not a word of the {which} prompt {text!r} (its words: {', '.join(words)}).")
+
+
+def check_edit_words(source: Optional[str], target: Optional[str], edit: Optional[str], parse: ParseWeights = unweighted, *,
+                     reweight: Optional[str] = None, cross_replace_words: Optional[str] = None,
+                     source_lists: Optional[dict[str, Optional[str]]] = None,
+                     target_lists: Optional[dict[str, Optional[str]]] = None) -> None:
+    """The checks of an edit that need no tokenizer, for a node's ``validate_inputs``: the edit kind,
+    ``word:value`` lists (syntax and range), every listed word present in its prompt (plain words:
+    ``parse`` is the host's emphasis syntax), and ``replace`` with as many target words as source
+    words. ``source_lists`` / ``target_lists`` map an input's name to its word list. A value that is
+    None is unknown (e.g. a linked input): the checks that need it are skipped. Raises
+    ``SettingsError`` with the first problem."""
+    kind = EditKind.parse(edit) if edit is not None else None
+    src = [w for w, _ in prompt_words(source, parse)] if source is not None else None
+    tgt = [w for w, _ in prompt_words(target, parse)] if target is not None else None
+    for words, which in ((src, "source"), (tgt, "target")):
+        if words is not None and not words:
+            raise SettingsError(f"The {which} prompt is empty; both prompts need at least one word: the source describes the "
+                                "video, the target the edit.")
+    if kind is EditKind.REPLACE and src is not None and tgt is not None and len(src) != len(tgt):
+        raise _replace_mismatch(src, tgt, str(source), str(target))
+    targets: dict[str, list[str]] = {}
+    if reweight is not None:
+        targets["reweight"] = list(parse_word_values(reweight, "reweight", 0.0, 10.0))
+    if cross_replace_words is not None:
+        targets["cross_replace_words"] = list(parse_word_values(cross_replace_words, "cross_replace_words", 0.0, 1.0))
+    for option, text in (target_lists or {}).items():
+        if text is not None:
+            targets[option] = split_words(text)
+    for option, names in targets.items():
+        if tgt is not None:
+            check_words_present(tgt, names, option, "target", str(target))
+    for option, text in (source_lists or {}).items():
+        if text is not None and src is not None:
+            check_words_present(src, split_words(text), option, "source", str(source))
 
 
 def reweight_vector(target: TokenizedPrompt, factors: dict[str, float]) -> torch.Tensor:

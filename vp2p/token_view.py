@@ -1,9 +1,10 @@
-"""What the frontend's live token view shows under the P2P Controller: how both prompts
-tokenise, how the target's words relate to the source's (kept / swapped / added / changed),
-which are re-weighted or blended, and warnings for edits that cannot run.
+"""What the frontend's live token view shows under the P2P and FateZero Controllers: how both
+prompts tokenise (with their emphasis weights), how the target's words relate to the source's
+(kept / swapped / added / changed), which are re-weighted or blended, and warnings for edits
+that cannot run.
 
-Pure Python over an ``Encode`` (word -> BPE ids) and a ``decode`` (id -> text); the server
-route feeds it the SD1.x CLIP tokenizer.
+Pure Python over a ``tokenize`` (text -> ``TokenizedPrompt``) and a ``decode`` (id -> text);
+the server route feeds it the connected CLIP's kind of ComfyUI tokenizer.
 """
 
 from __future__ import annotations
@@ -11,27 +12,34 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .errors import VP2PError
-from .prompt_align import EditKind, TokenizedPrompt, global_alignment, parse_word_values, resolve_kind, split_words, tokenize_prompt, words_align
+from .prompt_align import EditKind, TokenizedPrompt, global_alignment, parse_word_values, resolve_kind, split_words, words_align
 
 Decode = Callable[[int], str]
+Tokenize = Callable[[str], TokenizedPrompt]
 
 
 def _prompt_view(p: TokenizedPrompt, decode: Decode) -> list[dict[str, Any]]:
-    return [{"word": w, "tokens": [decode(t) for t in p.ids[a - 1:b - 1]], "positions": list(range(a, b))}
-            for w, (a, b) in zip(p.words, p.spans)]
+    out = []
+    for i, (w, (a, b)) in enumerate(zip(p.words, p.spans)):
+        view: dict[str, Any] = {"word": w, "tokens": [decode(t) for t in p.ids[a - 1:b - 1]], "positions": list(range(a, b))}
+        if p.word_weight(i) != 1.0:
+            view["weight"] = round(p.word_weight(i), 4)
+        out.append(view)
+    return out
 
 
 def describe_edit(source: str, target: str, edit: str, reweight: str, blend_source: str, blend_target: str,
-                  encode: Callable[[str], list[int]], decode: Decode, context: int = 77) -> dict[str, Any]:
+                  tokenize: Tokenize, decode: Decode, cross_replace_words: str = "") -> dict[str, Any]:
     """A JSON-able description of an edit; never raises for bad input (it reports it)."""
     warnings: list[str] = []
     out: dict[str, Any] = {"warnings": warnings}
     try:
-        src = tokenize_prompt(source, encode, context)
-        tgt = tokenize_prompt(target, encode, context)
+        src = tokenize(source)
+        tgt = tokenize(target)
     except VP2PError as e:
         warnings.append(str(e))
         return out
+    context = src.context
     out["source"], out["target"] = _prompt_view(src, decode), _prompt_view(tgt, decode)
     out["token_count"] = {"source": len(src.ids), "target": len(tgt.ids), "limit": context - 2}
     try:
@@ -61,6 +69,12 @@ def describe_edit(source: str, target: str, edit: str, reweight: str, blend_sour
             warnings.append(f"reweight: {word!r} is not a word of the target prompt.")
         for v in hits:
             v["reweight"] = f
+    try:
+        for word in parse_word_values(cross_replace_words, "cross_replace_words", 0.0, 1.0):
+            if not _views_of(tgt, out["target"], word):
+                warnings.append(f"cross_replace_words: {word!r} is not a word of the target prompt.")
+    except VP2PError as e:
+        warnings.append(str(e))
     for text, prompt, views, which in ((blend_source, src, out["source"], "source"), (blend_target, tgt, out["target"], "target")):
         for word in split_words(text):
             hits = _views_of(prompt, views, word)

@@ -138,7 +138,7 @@ def test_bad_inputs_are_clear(pack, small_models, edited_setup, clip):
         (dict(reweight="tiger=2"), "word:number"),
         (dict(reweight="cat:2"), "not a word of the target prompt"),
         (dict(target_prompt=" ".join(["tiger"] * 80)), "75"),
-        (dict(target_prompt="a (tiger:1.2) running"), "word by word"),
+        (dict(target_prompt="a (tiger:1.2) running", reweight="cat:2"), "not a word of the target prompt"),
     ]
     for change, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -151,6 +151,50 @@ def test_bad_inputs_are_clear(pack, small_models, edited_setup, clip):
         sample(pack, other, inv, controller(pack, clip))
     with pytest.raises(ValueError, match="P2P Controller"):
         sample(pack, model, inv, "not a control")
+
+
+def test_weighted_prompts_keep_their_weights_and_align_on_the_words(pack, clip):
+    """'(tiger:1.3)' is the word 'tiger' at weight 1.3: the alignment is the plain prompt's, the embedding
+    exactly CLIP Text Encode's of the same text (not the plain text's)."""
+    words = dict(reweight="tiger:2", blend_source_words="cat", blend_target_words="tiger", cross_replace_words="tiger:0.5")
+    plain = controller(pack, clip, "a tiger running", **words)
+    weighted = controller(pack, clip, "a ((tiger:1.3)) running", source_prompt="(a cat:0.9) running", **words)
+    for a, b in ((weighted.source, plain.source), (weighted.target, plain.target)):
+        assert (a.words, a.ids, a.spans) == (b.words, b.ids, b.spans)
+    assert weighted.kind == plain.kind and torch.equal(weighted.mapper, plain.mapper)
+    assert torch.equal(weighted.reweight, plain.reweight) and weighted.cross_words == plain.cross_words
+    assert weighted.blend.source_positions == plain.blend.source_positions == (2,)
+    assert weighted.target.weights == (1.0, 1.3, 1.0) and weighted.source.weights == (0.9, 0.9, 1.0) and plain.target.weights == ()
+    for edit, source, target in ((weighted, "(a cat:0.9) running", "a ((tiger:1.3)) running"), (plain, SOURCE, "a tiger running")):
+        assert torch.equal(edit.source_cond, encode(clip, source)[0][0].float().cpu())
+        assert torch.equal(edit.target_cond, encode(clip, target)[0][0].float().cpu())
+    assert (weighted.target_cond - plain.target_cond).abs().max() > 1e-3
+    refine = controller(pack, clip, "a (big:1.2) tiger running")
+    assert refine.kind.value == "refine" and refine.target.words == ("a", "big", "tiger", "running")
+
+
+def test_embeddings_in_prompts(pack, tmp_path):
+    """'embedding:name' is a word whose span is the embedding's vectors; the same embedding pairs in both
+    prompts; a missing one is refused by name (CLIP Text Encode would drop it silently)."""
+    import comfy.sd
+    from safetensors.torch import save_file
+
+    from tests.host.checkpoint import _clip_state_dict
+
+    save_file({"clip_l": torch.randn(2, 768, generator=torch.Generator().manual_seed(3))}, str(tmp_path / "mystyle.safetensors"))
+    with torch.inference_mode():
+        eclip = comfy.sd.load_text_encoder_state_dicts([_clip_state_dict(0)], embedding_directory=str(tmp_path),
+                                                       clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    source, target = "a cat running, embedding:mystyle", "a tiger running, (embedding:mystyle:1.2)"
+    edit = controller(pack, eclip, target, source_prompt=source, reweight="embedding:mystyle:1.5")
+    assert edit.kind.value == "replace" and edit.target.words[-1] == "embedding:mystyle"
+    assert edit.target.spans[-1] == (5, 7) and edit.target.ids[-2:] == edit.source.ids[-2:] and min(edit.target.ids) < 0
+    assert edit.target.weights[-2:] == (1.2, 1.2) and edit.reweight[5:7].tolist() == [1.5, 1.5]
+    assert torch.equal(edit.target_cond, encode(eclip, target)[0][0].float().cpu())
+    refine = controller(pack, eclip, "a big tiger running, embedding:mystyle", source_prompt=source)
+    assert refine.kind.value == "refine" and refine.mapper[6:8].tolist() == [5, 6]  # the embedding's vectors pair
+    with pytest.raises(ValueError, match="'embedding:nothere'.*embeddings folder"):
+        controller(pack, eclip, "a tiger running embedding:nothere")
 
 
 def test_attention_maps_node(pack, edited_setup, clip):

@@ -533,7 +533,7 @@ JS_TOKEN_VIEW = """async ([id, changes]) => {
     if (node.vp2pView && el.innerHTML && node.__vp2pSeen !== el.innerHTML) break;
   }
   node.__vp2pSeen = el.innerHTML;
-  return {html: el.innerHTML, view: node.vp2pView,
+  return {html: el.innerHTML, view: node.vp2pView, request: node.vp2pRequest,
           statuses: (node.vp2pView?.target || []).map((v) => [v.word, v.status]),
           shown: Array.from(el.querySelectorAll("span[data-status]")).map((s) => s.dataset.status).filter(Boolean),
           warnings: Array.from(el.querySelectorAll(".vp2p-warning")).map((w) => w.textContent)};
@@ -558,4 +558,27 @@ def test_controller_token_view(frontend: FrontendPage):
     assert "edit=refine" in text and "'dog' is not a word of the target prompt" in text, second
     third = page.evaluate(JS_TOKEN_VIEW, [node_id, {"edit": "auto", "blend_target_words": "robot"}])
     assert third["view"]["kind"] == "refine" and not third["warnings"] and ["tall", "added"] in third["statuses"], third
+    # the connected CLIP's loader is sent; this server has no checkpoint, so SD1.x is assumed and the view says so
+    loader = next(n for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple")
+    assert third["request"]["clip"] == {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": loader["widgets_values"][0]}}
+    assert third["view"]["tokenizer"] == "SD1.x CLIP-L" and "assumed" in third["view"]["notes"][0]
+    weighted = page.evaluate(JS_TOKEN_VIEW, [node_id, {"target_prompt": "a tall (robot:1.3) is running on the beach"}])
+    robot = next(v for v in weighted["view"]["target"] if v["word"] == "robot")
+    assert robot["weight"] == 1.3 and "(1.3)" in weighted["html"] and not weighted["warnings"], weighted
+    assert page.evaluate("() => String(window.app.queuePrompt).includes('P2P Controller')") is False  # queueing is not wrapped
+    assert not frontend.page_errors, frontend.report()
+
+
+def test_fatezero_controller_token_view(frontend: FrontendPage):
+    """The FateZero Controller has the view too: its blend_words are source words, latent_blend_target_words target words."""
+    workflow = json.loads((ROOT / "example_workflows" / "fatezero_shape_edit.json").read_text(encoding="utf-8"))
+    page = frontend.page
+    page.evaluate(JS_LOAD, [workflow, "token_view_fatezero"])
+    node_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "VP2P_FateZeroController")
+    first = page.evaluate(JS_TOKEN_VIEW, [node_id, {}])
+    assert first["view"] and first["view"]["kind"] and not first["warnings"], first
+    assert first["request"]["clip"]["class_type"] == "CheckpointLoaderSimple" and "blend_source_words" in first["request"]
+    second = page.evaluate(JS_TOKEN_VIEW, [node_id, {"blend_words": "zebra", "latent_blend_target_words": "zebra"}])
+    text = " ".join(second["warnings"])
+    assert "'zebra' is not a word of the source prompt" in text and "'zebra' is not a word of the target prompt" in text, second
     assert not frontend.page_errors, frontend.report()
