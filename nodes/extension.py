@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .frame_nodes import SelectFrames
 from .guidance_nodes import BoxTrajectory, CrossAttentionGuidance
 from .invert_nodes import LoadInversion, NoiseInversion, NullTextInvert, SaveInversion
 from .p2p_nodes import AttentionMaps, DecoupledSampler, FateZeroController, P2PController, VideoP2PGuiderNode
@@ -24,4 +25,4 @@ class VideoP2PExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [InflateT2S, TuneOnVideo, LoadTunedT2S, NullTextInvert, SaveInversion, LoadInversion,
                 P2PController, DecoupledSampler, AttentionMaps, BoxTrajectory, CrossAttentionGuidance,
-                NoiseInversion, FateZeroController, VideoP2PGuiderNode]
+                NoiseInversion, FateZeroController, VideoP2PGuiderNode, SelectFrames]

@@ -34,7 +34,7 @@ RUN_TIMEOUT_S = 240.0
 SHRINK: dict[str, dict[str, int]] = {
     "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": FRAMES},
     "KSampler": {"steps": 2},
-    "ImageFromBatch": {"length": FRAMES},
+    "VP2P_SelectFrames": {"start": 0, "stride": 2, "cap": FRAMES},  # frames 0, 2, 4 of the 5-frame input clip
     "ImageScale": {"width": 64, "height": 64},
     "VP2P_TuneOnVideo": {"steps": 1},
     "VP2P_NullTextInvert": {"steps": 2, "inner_steps": 1},
@@ -45,13 +45,16 @@ SHRINK: dict[str, dict[str, int]] = {
 }
 
 
-def write_input_video(path: Path, frames: int = FRAMES + 2, size: int = 48) -> None:
+INPUT_FPS = 8
+
+
+def write_input_video(path: Path, frames: int = 2 * FRAMES - 1, size: int = 48) -> None:
     """A small generated clip (a square moving over a gradient), as an H.264 mp4 through PyAV."""
     import av
     import numpy as np
 
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=8)
+        stream = container.add_stream("libx264", rate=INPUT_FPS)
         stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
         yy, xx = np.mgrid[0:size, 0:size]
         for f in range(frames):
@@ -249,6 +252,13 @@ def _frames(path: Path) -> int:
         return getattr(im, "n_frames", 1)
 
 
+def _fps(path: Path) -> float:
+    import av
+
+    with av.open(str(path)) as container:
+        return float(container.streams.video[0].average_rate)
+
+
 def _workflow_params(paths: list[Path]) -> list:
     """One pytest param per workflow, named by its file."""
     return [pytest.param(p, id=p.stem) for p in paths]
@@ -276,7 +286,8 @@ def test_example_workflow_runs(workflow_path: Path, comfy_client: ComfyClient):
     assert entry["status"]["status_str"] == "success" and entry["status"]["completed"]
 
     batch = {n["inputs"].get("batch_size") for n in prompt.values() if n["class_type"] == "EmptyLatentImage"}
-    batch |= {n["inputs"].get("length") for n in prompt.values() if n["class_type"] == "ImageFromBatch"}
+    batch |= {n["inputs"].get("cap") for n in prompt.values() if n["class_type"] == "VP2P_SelectFrames"}
+    strides = {n["inputs"].get("stride") for n in prompt.values() if n["class_type"] == "VP2P_SelectFrames"}
     written = []
     for node_id, out in entry["outputs"].items():
         animated = any(out.get("animated") or [])
@@ -285,8 +296,10 @@ def test_example_workflow_runs(workflow_path: Path, comfy_client: ComfyClient):
                 continue  # previews go to the temp folder
             path = comfy_client.output_dir / item.get("subfolder", "") / item["filename"]
             assert path.is_file() and path.stat().st_size > 0, f"node {node_id} did not write {path}"
-            if animated and len(batch) == 1:
+            if (animated or path.suffix == ".mp4") and len(batch) == 1:
                 assert _frames(path) == next(iter(batch)), f"{path.name}: frame count differs from the latent batch"
+            if path.suffix == ".mp4" and strides:  # frames taken every `stride` play at the clip's real speed
+                assert _fps(path) == pytest.approx(INPUT_FPS / next(iter(strides))), path.name
             written.append(path)
     assert written, f"the workflow wrote no output files; outputs: {entry['outputs']}"
 
@@ -349,3 +362,124 @@ def test_changing_only_the_target_reruns_only_controller_and_sampler(comfy_clien
         assert ids <= cached, f"{kind} ran again though only the target prompt changed (cached: {sorted(cached)})"
     reran = set(by_type) - cached
     assert {controller} | {k for k, t in by_type.items() if t == "VP2P_DecoupledSampler"} <= reran
+
+
+# -- API prompts written to each node's contract --------------------------------------------------------
+
+# Each node's required inputs as published (DESIGN §3 for the first five; the README's node table for the
+# rest, as first released). Inputs added since are optional: an API prompt written to a node's contract
+# must keep working.
+CONTRACT: dict[str, set[str]] = {
+    "VP2P_InflateT2S": {"model", "frame_attention", "temporal_attention"},
+    "VP2P_TuneOnVideo": {"model", "positive", "latent", "steps", "learning_rate", "seed"},
+    "VP2P_NullTextInvert": {"model", "positive", "negative", "latent", "steps", "cfg", "mode", "inner_steps", "early_stop",
+                            "store_attention"},
+    "VP2P_P2PController": {"clip", "source_prompt", "target_prompt", "edit", "cross_replace", "self_replace", "blend_source_words",
+                           "blend_target_words", "blend_threshold", "reweight"},
+    "VP2P_DecoupledSampler": {"model", "inversion", "control", "cfg", "guidance"},
+    "VP2P_LoadTuned": {"model", "tuned_name"},
+    "VP2P_SaveInversion": {"inversion", "name"},
+    "VP2P_LoadInversion": {"model", "inversion_name"},
+    "VP2P_AttentionMaps": {"model", "inversion", "control", "source_words", "target_words", "at_step", "threshold"},
+    "VP2P_BoxTrajectory": {"width", "height", "frames", "start_x", "start_y", "start_w", "start_h", "end_x", "end_y", "end_w",
+                           "end_h", "shape", "easing"},
+    "VP2P_CrossAttentionGuidance": {"model", "positive", "negative", "cfg", "clip", "prompt", "word", "target_masks", "strength"},
+    "VP2P_NoiseInversion": {"seed", "width", "height", "frames", "negative"},
+    "VP2P_FateZeroController": {"clip", "source_prompt", "target_prompt", "cross_replace", "self_replace", "blend_words",
+                                "blend_threshold", "reweight", "latent_blend"},
+    "VP2P_Guider": {"model", "inversion", "control", "cfg", "guidance"},
+    "VP2P_SelectFrames": {"images", "start", "stride", "cap"},
+}
+
+
+def _contract_node(info: dict, node_type: str, links: dict, values: dict) -> dict:
+    """An API node with exactly the contract's inputs: ``links`` for sockets, ``values`` for some widgets, every other
+    contract widget at the default the server publishes."""
+    required = info[node_type]["input"]["required"]
+    inputs = {}
+    for name in CONTRACT[node_type]:
+        if name in links:
+            inputs[name] = links[name]
+        elif name in values:
+            inputs[name] = values[name]
+        else:
+            spec = required[name]
+            options = spec[0] if isinstance(spec[0], list) else (spec[1] or {}).get("options")
+            default = (spec[1] if len(spec) > 1 and spec[1] else {}).get("default")
+            inputs[name] = default if default is not None else options[0]
+    return {"class_type": node_type, "inputs": inputs}
+
+
+def test_api_prompts_written_to_the_contract_run(comfy_client: ComfyClient, tmp_path: Path):
+    """Every node's required inputs are its published contract (no later input is required), and one API prompt
+    using every pack node with only those inputs is accepted and runs in the server."""
+    info = comfy_client.object_info()
+    for node_type, names in CONTRACT.items():
+        assert set(info[node_type]["input"]["required"]) == names, f"{node_type}: required inputs beyond its contract"
+    assert {k for k in info if k.startswith("VP2P_")} == set(CONTRACT), "a pack node without a published contract"
+
+    src, tgt = "a cat running", "a tiger running"
+    core = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": src}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": ""}},
+        "video": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": FRAMES}},
+        "sampler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 0}},
+        "no_noise": {"class_type": "DisableNoise", "inputs": {}},
+        "sigmas": {"class_type": "BasicScheduler", "inputs": {"model": ["t2s", 0], "scheduler": "normal", "steps": 2, "denoise": 1.0}},
+    }
+    pack = {
+        "t2s": ("VP2P_InflateT2S", {"model": ["ckpt", 0]}, {}),
+        "tuned": ("VP2P_TuneOnVideo", {"model": ["t2s", 0], "positive": ["pos", 0], "latent": ["video", 0]},
+                  {"steps": 1, "learning_rate": 1e-4}),
+        "inv": ("VP2P_NullTextInvert", {"model": ["tuned", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent": ["video", 0]},
+                {"steps": 2, "inner_steps": 1, "store_attention": True}),
+        "p2p": ("VP2P_P2PController", {"clip": ["ckpt", 1]},
+                {"source_prompt": src, "target_prompt": tgt, "blend_source_words": "cat", "blend_target_words": "tiger"}),
+        "edit": ("VP2P_DecoupledSampler", {"model": ["tuned", 0], "inversion": ["inv", 0], "control": ["p2p", 0]}, {}),
+        "fz": ("VP2P_FateZeroController", {"clip": ["ckpt", 1]}, {"source_prompt": src, "target_prompt": tgt}),
+        "fz_edit": ("VP2P_DecoupledSampler", {"model": ["tuned", 0], "inversion": ["inv", 0], "control": ["fz", 0]}, {}),
+        "maps": ("VP2P_AttentionMaps", {"model": ["tuned", 0], "inversion": ["inv", 0], "control": ["p2p", 0]}, {}),
+        "save_inv": ("VP2P_SaveInversion", {"inversion": ["inv", 0]}, {"name": f"contract_{tmp_path.name}"}),
+        "guider": ("VP2P_Guider", {"model": ["tuned", 0], "inversion": ["inv", 0], "control": ["p2p", 0]}, {}),
+        "start": ("VP2P_NoiseInversion", {"negative": ["neg", 0]}, {"width": 64, "height": 64, "frames": FRAMES}),
+        "gen_edit": ("VP2P_DecoupledSampler", {"model": ["t2s", 0], "inversion": ["start", 0], "control": ["p2p", 0]}, {}),
+        "boxes": ("VP2P_BoxTrajectory", {}, {"width": 64, "height": 64, "frames": FRAMES}),
+        "cag": ("VP2P_CrossAttentionGuidance", {"model": ["t2s", 0], "positive": ["pos", 0], "negative": ["neg", 0], "clip": ["ckpt", 1],
+                                               "target_masks": ["boxes", 0]}, {"prompt": src, "word": "cat"}),
+        "frames": ("VP2P_SelectFrames", {"images": ["decode_edit", 0]}, {"stride": 2}),
+    }
+    prompt = dict(core)
+    for node_id, (node_type, links, values) in pack.items():
+        prompt[node_id] = _contract_node(info, node_type, links, values)
+    prompt.update({
+        "guided": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["noise", 0], "guider": ["cag", 0], "sampler": ["sampler", 0],
+                                                                    "sigmas": ["sigmas", 0], "latent_image": ["video", 0]}},
+        "via_guider": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["no_noise", 0], "guider": ["guider", 0],
+                                                                        "sampler": ["sampler", 0], "sigmas": ["guider", 1],
+                                                                        "latent_image": ["guider", 2]}},
+    })
+    for name, latent in (("edit", ["edit", 0]), ("fz_edit", ["fz_edit", 0]), ("gen_edit", ["gen_edit", 0]), ("guided", ["guided", 0]),
+                         ("via_guider", ["via_guider", 0])):
+        prompt[f"decode_{name}"] = {"class_type": "VAEDecode", "inputs": {"samples": latent, "vae": ["ckpt", 2]}}
+        if name != "edit":
+            prompt[f"show_{name}"] = {"class_type": "PreviewImage", "inputs": {"images": [f"decode_{name}", 0]}}
+    prompt["show_frames"] = {"class_type": "PreviewImage", "inputs": {"images": ["frames", 0]}}
+    prompt["show_maps"] = {"class_type": "PreviewImage", "inputs": {"images": ["maps", 0]}}
+    assert {n["class_type"] for n in prompt.values()} >= set(CONTRACT) - {"VP2P_LoadTuned", "VP2P_LoadInversion"}
+
+    entry = comfy_client.run(prompt, timeout=RUN_TIMEOUT_S)
+    assert entry["status"]["status_str"] == "success" and entry["status"]["completed"]
+    frames_shown = entry["outputs"]["show_frames"]["images"]
+    assert len(frames_shown) == (FRAMES + 1) // 2  # frames 0 and 2 of the 3-frame edit
+
+    # the loaders' contract: the saved inversion loads back by its name (a second prompt: the combo lists saved files)
+    saved = f"contract_{tmp_path.name}.safetensors"
+    info = comfy_client.get("/object_info/VP2P_LoadInversion")  # not the client's cached /object_info
+    spec = info["VP2P_LoadInversion"]["input"]["required"]["inversion_name"]
+    assert saved in (spec[0] if isinstance(spec[0], list) else spec[1]["options"]), spec
+    load = {k: prompt[k] for k in ("ckpt", "pos", "video", "t2s", "tuned")}  # the tuning is a cache hit now
+    load.update({"loaded": _contract_node(info, "VP2P_LoadInversion", {"model": ["tuned", 0]}, {"inversion_name": saved}),
+                 "show": {"class_type": "PreviewAny", "inputs": {"source": ["loaded", 1]}}})
+    assert comfy_client.run(load, timeout=RUN_TIMEOUT_S)["status"]["status_str"] == "success"
