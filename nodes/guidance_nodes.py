@@ -73,7 +73,10 @@ class CrossAttentionGuidance(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="The negative conditioning."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance scale."),
                 io.Clip.Input("clip", tooltip="The CLIP that encoded the prompt (to find the word's tokens)."),
-                io.String.Input("prompt", default="a red ball on a table", tooltip="The text of the positive prompt."),
+                io.String.Input("prompt", default="a red ball on a table",
+                                tooltip="The text of the positive prompt (checked against it). Type it once: link one String "
+                                        "(Multiline) node here and to the CLIP Text Encode of `positive`; a linked value "
+                                        "replaces the typed one."),
                 io.String.Input("word", default="ball", tooltip="The word whose object is moved (a word of the prompt)."),
                 io.Mask.Input("target_masks", tooltip="Where the object should be: one mask per frame, or one for all frames "
                                                       "(e.g. Box Trajectory Masks)."),

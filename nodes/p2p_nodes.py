@@ -21,6 +21,11 @@ EDIT_HELP = (
     "refine: add or change words ('a cat' → 'a fluffy cat'); aligned tokens keep the source's attention, new ones use "
     "their own. auto: replace when the prompts have the same number of words, else refine."
 )
+SOURCE_PROMPT_HELP = (
+    "Exactly the prompt the video was inverted with (checked when sampling). Type it once: link one String (Multiline) node "
+    "here and to the text of the CLIP Text Encode feeding the inverter's positive; a linked value replaces the typed one. "
+    "Emphasis '(word:1.2)' and embeddings work as in CLIP Text Encode; blend and reweight words name the plain words."
+)
 GUIDANCE_HELP = (
     "decoupled (Video-P2P): the source branch uses the optimised null embeddings, the target the initial negative one: "
     "faithful source, strong edits. shared_null (prompt-to-prompt): the optimised embeddings for both. fast: the source "
@@ -44,7 +49,7 @@ class P2PController(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP of the checkpoint (its own tokenizer aligns the words)."),
                 io.String.Input("source_prompt", default="a cat is running on the grass",
-                                tooltip="Exactly the prompt the video was inverted with."),
+                                tooltip=SOURCE_PROMPT_HELP),
                 io.String.Input("target_prompt", default="a tiger is running on the grass",
                                 tooltip="The edited description: swap, add or re-weight words."),
                 io.Combo.Input("edit", options=[k.value for k in EditKind], default=EditKind.AUTO.value, tooltip=EDIT_HELP),
@@ -129,7 +134,7 @@ class FateZeroController(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP of the checkpoint (its own tokenizer aligns the words)."),
                 io.String.Input("source_prompt", default="a silver jeep driving down a curvy road",
-                                tooltip="Exactly the prompt the video was inverted with."),
+                                tooltip=SOURCE_PROMPT_HELP),
                 io.String.Input("target_prompt", default="watercolor painting of a silver jeep driving down a curvy road",
                                 tooltip="The edited description: add a style, change an attribute or swap an object."),
                 io.Float.Input("cross_replace", default=0.8, min=0.0, max=1.0, step=0.05,

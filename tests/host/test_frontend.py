@@ -602,3 +602,35 @@ def test_fatezero_controller_token_view(frontend: FrontendPage):
     text = " ".join(second["warnings"])
     assert "'zebra' is not a word of the source prompt" in text and "'zebra' is not a word of the target prompt" in text, second
     assert not frontend.page_errors, frontend.report()
+
+
+# What users type into the node search box, and the node each must find (by its search aliases, not its name).
+SEARCHES = {
+    "null text": "Shared Null-Text Invert",
+    "prompt to prompt": "P2P Controller",
+    "fatezero": "FateZero Controller",
+    "text-to-set": "Inflate to T2S",
+    "tune-a-video": "Tune on Video",
+    "frame stride": "Select Frames (start, stride, cap)",
+}
+
+
+def test_node_search_box_finds_the_pack_by_its_aliases(frontend: FrontendPage):
+    """The frontend's own node search box (double-click on the canvas) lists each pack node for what users search."""
+    page = frontend.page
+    page.evaluate("() => { window.app.graph.clear(); window.app.graph.setDirtyCanvas(true, true); }")  # an empty canvas
+    box = page.locator("#graph-canvas").bounding_box()
+    page.mouse.dblclick(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    search = page.locator(".comfy-vue-node-search-container input").first
+    search.wait_for(state="visible", timeout=10_000)
+    for query, display_name in SEARCHES.items():
+        search.fill(query)
+        try:  # the result list follows the input after a debounce
+            page.wait_for_function("([name]) => Array.from(document.querySelectorAll('.option-display-name'))"
+                                   ".slice(0, 10).some((o) => o.innerText.includes(name))", arg=[display_name], timeout=5_000)
+        except Exception:
+            pass
+        names = [t.strip() for t in page.locator(".option-display-name").all_inner_texts()][:10]
+        assert any(display_name in n for n in names), f"{query!r}: the search box lists {names}"
+    page.keyboard.press("Escape")
+    assert not frontend.page_errors, frontend.report()
