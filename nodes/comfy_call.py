@@ -38,9 +38,52 @@ MEMORY_WRAPPER_KEY = "vp2p_stage_memory"
 SLOTS = (COND, UNCOND)  # calc_cond_batch's slot index is the kind: cond_or_uncond then reads as COND/UNCOND
 
 
-def bare_conditioning(text: torch.Tensor) -> list:
-    """A CONDITIONING with only a text embedding [1|F, T, D] (no extras), for a stage given none."""
-    return [[text, {}]]
+def bare_conditioning(text: torch.Tensor, pooled: Optional[torch.Tensor] = None) -> list:
+    """A CONDITIONING of a text embedding [1|F, T, D] for a stage given none: with the prompt's pooled
+    output (``pooled_output``, as CLIP Text Encode gives it) when known, which SDXL-family models turn into
+    their ``y`` (pooled + size embedding) in ``extra_conds``; SD1.x/SD2.x ignore it."""
+    return [[text, {} if pooled is None else {"pooled_output": pooled}]]
+
+
+def pooled_of(conditioning: Optional[list]) -> Optional[torch.Tensor]:
+    """The pooled text output of a CONDITIONING's first entry (None when it has none)."""
+    if not conditioning:
+        return None
+    pooled = conditioning[0][1].get("pooled_output")
+    return None if pooled is None else pooled.detach().float().cpu()
+
+
+def pooled_in_y(model: Any) -> int:
+    """How many leading columns of the model's ``y`` are the prompt's pooled output: SDXL-family models
+    (``model_base.SDXL``: y = [pooled 1280, 6 × 256 size/crop embedding]); 0 for a model whose extra
+    conditioning does not follow the prompt (SD1.x/SD2.x have no ``y``)."""
+    import comfy.model_base
+
+    return 1280 if isinstance(model, comfy.model_base.SDXL) else 0
+
+
+def check_pooled(model_patcher: Any, conds: dict[str, Optional[list]], node: str) -> None:
+    """An SDXL-family MODEL needs every CONDITIONING with its pooled output (its ``y``): refuse clearly
+    before ComfyUI's ``extra_conds`` fails with a bare KeyError."""
+    from .comfy_host import model_name
+
+    if not pooled_in_y(model_patcher.model):
+        return
+    for name, cond in conds.items():
+        if cond and any("pooled_output" not in entry[1] for entry in cond):
+            raise SettingsError(
+                f"{node}: the MODEL is {model_name(model_patcher)}, an SDXL-family model, whose UNet also takes the prompt's pooled CLIP-G "
+                f"output and the image size; the {name} text here has none (an inversion made before this version, or a CLIP that is no "
+                f"SDXL CLIP). Encode the prompts with the SDXL checkpoint's CLIP (CLIP Text Encode), invert again, or connect the {name} "
+                "CONDITIONING to this node.")
+
+
+def branch_pooled(edit: Any) -> dict[tuple[int, int], Optional[torch.Tensor]]:
+    """The conditional rows' pooled outputs of a P2P edit: the source branch the source prompt's, the target
+    branch the target prompt's (the unconditional rows keep their CONDITIONING's)."""
+    from ..vp2p.layout import SOURCE, TARGET
+
+    return {(COND, SOURCE): edit.source_pooled, (COND, TARGET): edit.target_pooled}
 
 
 class _ConstantControl:
@@ -60,10 +103,12 @@ class _ConstantControl:
         return getattr(self.control, name)
 
 
-def with_text(conds: Sequence[dict], text: torch.Tensor) -> list[dict]:
+def with_text(conds: Sequence[dict], text: torch.Tensor, pooled: Optional[torch.Tensor] = None) -> list[dict]:
     """Processed cond dicts with their text rows replaced by ``text`` [R, T, D]; every other entry
     (control, gligen, area, mask, hooks, timestep range, the model's other extra conds) is kept. Under
-    autograd a control's residuals are constants (``_ConstantControl``)."""
+    autograd a control's residuals are constants (``_ConstantControl``). ``pooled`` [R, P]: the rows'
+    pooled outputs, which replace the first P columns of the model's ``y`` (SDXL: the size/crop
+    embedding of the user's CONDITIONING is kept)."""
     out = []
     for c in conds:
         d = dict(c)
@@ -71,6 +116,12 @@ def with_text(conds: Sequence[dict], text: torch.Tensor) -> list[dict]:
             d["control"] = _ConstantControl(d["control"])
         model_conds = dict(d.get("model_conds", {}))
         model_conds["c_crossattn"] = comfy.conds.CONDCrossAttn(text)
+        y = model_conds.get("y")
+        if pooled is not None and y is not None:
+            rows = y.cond.expand(text.shape[0], -1) if y.cond.shape[0] == 1 else y.cond
+            if rows.shape[0] != text.shape[0]:
+                raise LayoutError(f"The CONDITIONING's y has {y.cond.shape[0]} rows; the call {text.shape[0]}.")
+            model_conds["y"] = comfy.conds.CONDRegular(torch.cat([pooled.to(rows), rows[:, pooled.shape[1]:]], dim=1))
         d["model_conds"] = model_conds
         d["cross_attn"] = text
         out.append(d)
@@ -90,6 +141,8 @@ class ComfyDenoiser:
         self.model_options = model_options
         self.templates = templates
         self.calls = 0
+        # (kind, branch) -> that video's pooled text output [1, P], for models whose y holds it (SDXL)
+        self.pooled: dict[tuple[int, int], Optional[torch.Tensor]] = {}
 
     def _template(self, kind: int) -> list[dict]:
         conds = self.templates.get(kind)
@@ -127,7 +180,7 @@ class ComfyDenoiser:
             if sorted(held) != branches:
                 raise LayoutError(f"The {'conditional' if kind == COND else 'unconditional'} videos hold branches {sorted(held)}, the "
                                   f"call {branches}: through ComfyUI every kind must hold the same branches.")
-            slots[kind] = with_text(self._template(kind), torch.cat([text_of[(kind, b)] for b in branches]))
+            slots[kind] = with_text(self._template(kind), torch.cat([text_of[(kind, b)] for b in branches]), self._pooled_rows(kind, branches, frames))
         spec = LayoutSpec(frames, max(branches) + 1, present=tuple(branches))
         options = dict(self.model_options)
         options["transformer_options"] = {**self.model_options.get("transformer_options", {}),
@@ -144,6 +197,16 @@ class ComfyDenoiser:
             pos = branches.index(branch)
             result.append(out[kind][pos * frames:(pos + 1) * frames])
         return torch.cat(result)
+
+    def _pooled_rows(self, kind: int, branches: list[int], frames: int) -> Optional[torch.Tensor]:
+        """[branches × frames, P] pooled outputs of ``kind``'s videos, or None (the template's y as it is)."""
+        width = pooled_in_y(self.model) if self.model is not None else 0
+        given = [self.pooled.get((kind, b)) for b in branches]
+        if not width or all(p is None for p in given):
+            return None
+        if any(p is None for p in given):
+            raise LayoutError(f"Pooled outputs are known for some branches of kind {kind} only.")
+        return torch.cat([p.reshape(1, -1)[:, :width].expand(frames, -1) for p in given])
 
     def cfg(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Guidance as ``sampling_function`` combines it: pre-CFG functions, then ``cfg_function``."""
@@ -212,12 +275,13 @@ class StageGuider(comfy.samplers.CFGGuider):
 
 
 def run_stage(model_patcher: Any, conds: dict[str, list], latent: torch.Tensor, sigmas: torch.Tensor, loop: Callable[[Stage], T],
-              memory_rows: int, backward_factor: float = 1.0) -> T:
+              memory_rows: int, backward_factor: float = 1.0, node: str = "This node") -> T:
     """Run ``loop(stage)`` inside ComfyUI's sampling setup for ``model_patcher`` with the CONDITIONING
     ``conds`` (e.g. ``{"positive": …, "negative": …}``). ``latent`` [F, C, h, w] (model space; the stage
     sees it after ``process_latent_in``) gives the conds their size; ``sigmas`` the run's schedule."""
     from .comfy_host import with_pack_patch
 
+    check_pooled(model_patcher, conds, node)
     guider = StageGuider(with_pack_patch(model_patcher), memory_rows, backward_factor)
     guider.inner_set_conds({k: v for k, v in conds.items() if v is not None})
     sampler = _StageSampler(loop)

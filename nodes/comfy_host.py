@@ -68,15 +68,56 @@ def model_name(model: Any) -> str:
     return f"{type(inner).__name__} ({type(config).__name__})" if config is not None else type(inner).__name__
 
 
+WHAT_WORKS = ("What works: SD1.x, SD2.x (512 eps and 768 v-prediction) and SDXL-family base models (SDXL, its fine-tunes, "
+              "SSD-1B, Segmind Vega, KOALA), eps or v-prediction, with 4 latent channels.")
+
+
+def refuse_unsupported(model: Any, node: str = "Inflate to T2S") -> None:
+    """Refuse, naming the model and why, the MODELs the pack cannot edit with: DiT/MMDiT models (SD3, Flux, video
+    DiTs), video UNets with their own temporal layers (SVD), the SDXL refiner, UNets that take extra input channels
+    (inpainting, instruct-pix2pix), unCLIP models and samplings other than discrete eps / v-prediction (EDM, flow)."""
+    import comfy.model_base as mb
+
+    inner = model.model
+    name = model_name(model)
+    dm = model.get_model_object("diffusion_model")
+    why = None
+    if isinstance(inner, mb.SDXLRefiner):
+        why = ("it is the SDXL refiner: it is conditioned on an aesthetic score and refines the last steps of an SDXL base "
+               "image; it cannot invert or edit a video from noise. Use the SDXL base checkpoint (the refiner can polish "
+               "the edited frames afterwards with a KSampler at low denoise)")
+    elif not hasattr(dm, "input_blocks") or not hasattr(dm, "output_blocks"):
+        why = (f"its diffusion model is a {type(dm).__name__} with no SD-style spatial transformer blocks (an SD-style UNet has "
+               "input_blocks/middle_block/output_blocks with spatial transformers): DiT/MMDiT models such as SD3, Flux or "
+               "video DiTs have no cross-attention maps per word that the pack can control")
+    elif isinstance(inner, mb.SVD_img2vid) or getattr(dm, "use_temporal_resblocks", False):
+        why = "it is a video UNet with its own temporal layers (SVD); the pack inflates image UNets"
+    elif isinstance(inner, (mb.SD21UNCLIP,)):
+        why = "it is an unCLIP model (conditioned on an image embedding), which the pack does not give"
+    else:
+        channels = getattr(dm, "in_channels", None)
+        latent = getattr(inner.latent_format, "latent_channels", 4)
+        kind = getattr(inner, "model_type", None)
+        if channels is not None and channels != latent:
+            why = (f"its UNet takes {channels} input channels, the latent has {latent}: an inpainting (9 channels: latent, mask, "
+                   "masked image) or instruct-pix2pix (8) UNet, whose extra inputs the pack does not give. Use the base model of "
+                   "the same family")
+        elif kind not in (mb.ModelType.EPS, mb.ModelType.V_PREDICTION):
+            why = (f"it predicts {getattr(kind, 'name', kind)} (e.g. Playground v2.5's EDM, a flow model); the inversion and edit "
+                   "are DDIM on a discrete eps/v-prediction schedule")
+    if why is not None:
+        raise UnsupportedModelError(f"{node}: the MODEL is {name}; {why}. {WHAT_WORKS}")
+
+
 def transformer_blocks(model: Any) -> dict[LayerKey, str]:
     """Enumerate the SD-style transformer blocks of a ComfyUI MODEL: key -> module path."""
+    refuse_unsupported(model)
     dm = model.get_model_object("diffusion_model")
     keys = comfy_transformer_keys(name for name, _ in dm.named_modules())
     if not keys:
         raise UnsupportedModelError(
             f"The MODEL is {model_name(model)}, which has no SD-style spatial transformer blocks "
-            "(input_blocks/middle_block/output_blocks with transformer_blocks). Inflate to T2S works with "
-            "SD1.x/SD2.x-style UNets (SDXL too); it cannot inflate DiT/MMDiT models such as SD3, Flux or video DiTs."
+            f"(input_blocks/middle_block/output_blocks with transformer_blocks). {WHAT_WORKS}"
         )
     return keys
 

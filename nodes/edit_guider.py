@@ -33,7 +33,7 @@ from ..vp2p.layout import COND, UNCOND
 from ..vp2p.local_blend import LocalBlend
 from ..vp2p.p2p import P2PController, P2PEdit
 from ..vp2p.schedule import folded_denoised, sigma_index, to_data_scale
-from .comfy_call import ComfyDenoiser, bare_conditioning, estimate_memory_for
+from .comfy_call import ComfyDenoiser, bare_conditioning, branch_pooled, check_pooled, estimate_memory_for
 from .comfy_host import with_pack_patch
 
 log = logging.getLogger("VideoP2P")
@@ -87,8 +87,10 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
                 log.info("Video-P2P Guider: the positive CONDITIONING's text is not the controller's target prompt %r; the controller's "
                          "prompt is used, the CONDITIONING gives its extras (ControlNet, hooks …).", edit.target.text)
         negative_text = inversion.negative if inversion.negative is not None else inversion.cond
-        self.inner_set_conds({"positive": positive if positive is not None else bare_conditioning(edit.target_cond),
-                              "negative": negative if negative is not None else bare_conditioning(negative_text)})
+        conds = {"positive": positive if positive is not None else bare_conditioning(edit.target_cond, edit.target_pooled),
+                 "negative": negative if negative is not None else bare_conditioning(negative_text, inversion.negative_pooled)}
+        check_pooled(model_patcher, conds, "Video-P2P Guider")
+        self.inner_set_conds(conds)
         self.model_options = comfy.model_patcher.create_model_options_clone(model_patcher.model_options)
         rows_per_video = inversion.frames
         estimate_memory_for(self.model_options, (2 if self.fused else 4) * rows_per_video)
@@ -154,6 +156,7 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
             raise SettingsError(f"The sampler evaluated the Video-P2P Guider at σ={float(timestep.reshape(-1)[0]):.4g}, which is not one "
                                 "of the inversion's steps; use a sampler that evaluates at the given sigmas (euler, ddim).")
         den = ComfyDenoiser(self.inner_model, model_options or {}, {COND: self.conds.get("positive"), UNCOND: self.conds.get("negative")})
+        den.pooled = branch_pooled(self.edit)
         steps.denoise, steps.combine = den, den.cfg
         result = steps.step(i, x.float())
         last = i == steps.steps - 1

@@ -20,7 +20,7 @@ from ..vp2p.fatezero import BlendLatent, FateZeroController, FateZeroEdit, FateZ
 from ..vp2p.inversion_file import Inversion
 from ..vp2p.local_blend import LocalBlendSpec
 from ..vp2p.prompt_align import split_words, word_positions
-from .comfy_call import Stage, bare_conditioning, run_stage
+from .comfy_call import Stage, bare_conditioning, branch_pooled, run_stage
 from .comfy_host import get_state
 from .p2p_host import build_edit, check_consistency
 
@@ -101,6 +101,7 @@ def run_fused(model: Any, inversion: Inversion, control: FateZeroEdit, cfg: floa
 
     def loop(stage: Stage) -> tuple[EditResult, FateZeroController]:
         den = stage.denoiser()
+        den.pooled = branch_pooled(control.edit)
         blend = (FateZeroLatentBlend(control.edit.blend, inversion.frames, latent_hw, sched.steps, control.blend_latent)
                  if control.edit.blend is not None else None)
         controller = FateZeroController(control, inversion.attention, sched, latent_hw, blend)
@@ -111,7 +112,7 @@ def run_fused(model: Any, inversion: Inversion, control: FateZeroEdit, cfg: floa
         return result, controller
 
     negative_text = inversion.negative if inversion.negative is not None else inversion.cond
-    conds = {"positive": positive if positive is not None else bare_conditioning(control.edit.target_cond),
-             "negative": negative if negative is not None else bare_conditioning(negative_text)}
+    conds = {"positive": positive if positive is not None else bare_conditioning(control.edit.target_cond, control.edit.target_pooled),
+             "negative": negative if negative is not None else bare_conditioning(negative_text, inversion.negative_pooled)}
     with torch.inference_mode():
         return run_stage(model, conds, torch.zeros(inversion.latent_shape), sched.sigmas, loop, memory_rows=2 * inversion.frames)

@@ -45,7 +45,7 @@ from ..vp2p.inversion_file import FORMAT, Inversion, load_inversion, save_invers
 from ..vp2p.schedule import Schedule
 from .autograd_host import BACKWARD_MEMORY, autograd, make_autograd_clone
 from .cache_admin import after_write, enforce_limit
-from .comfy_call import Stage, run_stage
+from .comfy_call import Stage, pooled_of, run_stage
 from .comfy_host import check_latent, get_state, options_cacheable
 from .model_facts import alphas_cumprod, conditioning_key, conditioning_tensor, model_fingerprint, prediction_kind
 
@@ -123,7 +123,7 @@ def invert(model: Any, positive: list, negative: list, samples: torch.Tensor, se
         trajectory=trajectory.detach().cpu(),
         null_embeddings=None if result.null_embeddings is None else result.null_embeddings.detach().cpu(),
         cond=cond_in.detach().cpu().float(), schedule=schedule, mode=settings.mode, cfg=settings.cfg, model_fingerprint=fp,
-        negative=neg_in.detach().cpu().float(),
+        negative=neg_in.detach().cpu().float(), negative_pooled=pooled_of(negative),
         iterations=torch.tensor(result.iterations, dtype=torch.int32) if result.iterations else None,
         source_path=None if result.source_path is None else result.source_path.detach().cpu(),
     )

@@ -217,31 +217,41 @@ class NoiseInversion(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="The negative conditioning both branches are guided away from."),
                 io.Int.Input("steps", default=50, min=2, max=1000, optional=True,
                              tooltip="DDIM steps of the generation (the reference's 50: timesteps 981…1)."),
+                io.Model.Input("model", optional=True,
+                               tooltip="The MODEL the video will be generated with: its latent format (channels, scale) and training "
+                                       "schedule. Without it, SD1.x/SD2.x (4 channels, SD1.5 latent scale) is assumed."),
             ],
             outputs=[
                 Inversion.Output("inversion", tooltip="z_T and the schedule, for the Decoupled Sampler."),
-                io.Latent.Output("noise", tooltip="z_T as a LATENT (SD1.x/SD2.x latent scale)."),
+                io.Latent.Output("noise", tooltip="z_T as a LATENT (the connected MODEL's latent format; SD1.x/SD2.x without one)."),
             ],
         )
 
     @classmethod
-    def execute(cls, seed: int, width: int, height: int, frames: int, negative, steps: int = 50) -> io.NodeOutput:
+    def execute(cls, seed: int, width: int, height: int, frames: int, negative, steps: int = 50, model=None) -> io.NodeOutput:
+        import comfy.latent_formats
         import torch
 
         from ..vp2p.inversion import InversionMode
         from ..vp2p.inversion_file import Inversion as InversionData
         from ..vp2p.schedule import Schedule
-        from .model_facts import conditioning_tensor
+        from .comfy_call import pooled_of
+        from .comfy_host import refuse_unsupported
+        from .model_facts import alphas_cumprod, conditioning_tensor
 
         neg = conditioning_tensor(negative, frames, "negative", "Start From Noise")
-        schedule = Schedule.reference(int(steps))
+        if model is not None:
+            refuse_unsupported(model, "Start From Noise")
+            latent_format = model.model.latent_format
+            schedule = Schedule.reference(int(steps), alphas_cumprod(model))
+        else:
+            latent_format = comfy.latent_formats.SD15()
+            schedule = Schedule.reference(int(steps))
         g = torch.Generator().manual_seed(int(seed) % (2**63))
-        noise = torch.randn(frames, 4, height // 8, width // 8, generator=g)
+        noise = torch.randn(frames, latent_format.latent_channels, height // 8, width // 8, generator=g)
         z_t = noise * torch.sqrt(1 + schedule.sigmas[0] ** 2)  # pure noise at the first step, in σ-space
         nulls = neg.detach().float().cpu().unsqueeze(0).expand(schedule.steps, *neg.shape).clone()
         inv = InversionData(trajectory=z_t.unsqueeze(0), null_embeddings=nulls, cond=neg.detach().float().cpu(), schedule=schedule,
                             mode=InversionMode.DDIM_ONLY, cfg=float("nan"), model_fingerprint="", negative=neg.detach().float().cpu(),
-                            generated=True)
-        import comfy.latent_formats
-
-        return io.NodeOutput(inv, {"samples": comfy.latent_formats.SD15().process_out(z_t.clone())})  # SD1.x/2.x scale
+                            generated=True, negative_pooled=pooled_of(negative))
+        return io.NodeOutput(inv, {"samples": latent_format.process_out(z_t.clone())})

@@ -19,9 +19,9 @@ from ..vp2p.layout import COND, SOURCE, TARGET
 from ..vp2p.local_blend import LocalBlend, LocalBlendSpec
 from ..vp2p.p2p import P2PController, P2PEdit, SelfReplace
 from ..vp2p.prompt_align import EditKind, parse_word_values, resolve_kind, reweight_vector, split_words, word_positions
-from .comfy_call import Stage, bare_conditioning, run_stage
+from .comfy_call import Stage, bare_conditioning, branch_pooled, run_stage
 from .model_facts import model_fingerprint
-from .prompt_host import encode_prompt, tokenized_prompt
+from .prompt_host import encode_prompt_pooled, tokenized_prompt
 
 log = logging.getLogger("VideoP2P")
 
@@ -48,7 +48,9 @@ def build_edit(clip: Any, source_prompt: str, target_prompt: str, edit: str, cro
         blend = LocalBlendSpec(tuple(word_positions(src, src_words, "blend_source_words", "source")),
                                tuple(word_positions(tgt, tgt_words, "blend_target_words", "target")),
                                threshold=float(blend_threshold), start=float(blend_start), average=bool(blend_average))
-    return P2PEdit(src, tgt, encode_prompt(clip, src.text), encode_prompt(clip, tgt.text), kind, cross_replace=float(cross_replace),
+    (source_cond, source_pooled), (target_cond, target_pooled) = encode_prompt_pooled(clip, src.text), encode_prompt_pooled(clip, tgt.text)
+    return P2PEdit(src, tgt, source_cond, target_cond, kind, cross_replace=float(cross_replace), source_pooled=source_pooled,
+                   target_pooled=target_pooled,
                    self_replace=float(self_replace), self_attention=SelfReplace.parse(self_replace_attention),
                    cross_words=cross_words, reweight=reweight_vector(tgt, factors) if factors else None, blend=blend)
 
@@ -84,6 +86,7 @@ def run_edit(model: Any, inversion: Inversion, edit: P2PEdit, cfg: float, guidan
 
     def loop(stage: Stage) -> tuple[EditResult, Optional[LocalBlend]]:
         den = stage.denoiser()
+        den.pooled = branch_pooled(edit)
         inputs = edit_inputs(inversion, edit.source_cond, cfg, stage.device)
         blend = LocalBlend(edit.blend, frames, tuple(inversion.latent_shape[-2:]), sched.steps) if edit.blend is not None else None
         controller = P2PController(edit, sched, blend)
@@ -93,8 +96,8 @@ def run_edit(model: Any, inversion: Inversion, edit: P2PEdit, cfg: float, guidan
         return result, blend
 
     negative_text = inversion.negative if inversion.negative is not None else inversion.cond
-    conds = {"positive": positive if positive is not None else bare_conditioning(edit.target_cond),
-             "negative": negative if negative is not None else bare_conditioning(negative_text)}
+    conds = {"positive": positive if positive is not None else bare_conditioning(edit.target_cond, edit.target_pooled),
+             "negative": negative if negative is not None else bare_conditioning(negative_text, inversion.negative_pooled)}
     with torch.inference_mode():
         return run_stage(model, conds, torch.zeros(inversion.latent_shape), sched.sigmas, loop, memory_rows=4 * frames)
 
@@ -123,10 +126,12 @@ def word_maps(model: Any, inversion: Inversion, edit: P2PEdit, at_step: float, s
         x = path[step].to(stage.device)
         context = torch.cat([edit.source_cond.expand(frames, -1, -1), edit.target_cond.expand(frames, -1, -1)]).to(stage.device)
         run = RunState(controller, LayoutSpec(frames, 2, ((COND, SOURCE), (COND, TARGET))))
-        stage.denoiser()(torch.cat([x, x]), sched.sigmas[step].to(stage.device).expand(2 * frames), context, [COND, COND], run)
+        den = stage.denoiser()
+        den.pooled = branch_pooled(edit)
+        den(torch.cat([x, x]), sched.sigmas[step].to(stage.device).expand(2 * frames), context, [COND, COND], run)
 
     with torch.inference_mode():
-        conds = {"positive": positive if positive is not None else bare_conditioning(edit.source_cond)}
+        conds = {"positive": positive if positive is not None else bare_conditioning(edit.source_cond, edit.source_pooled)}
         run_stage(model, conds, torch.zeros(inversion.latent_shape), sched.sigmas, loop,
                   memory_rows=2 * frames)
     blend.end_step()

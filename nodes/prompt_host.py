@@ -141,8 +141,14 @@ def _not_word_by_word(text: str, where: str) -> SettingsError:
 
 def encode_prompt(clip: Any, text: str) -> Any:
     """[1, T, D] float32 CPU embedding of ``text``: exactly CLIP Text Encode's (emphasis weights and embeddings applied)."""
-    cond = clip.encode_from_tokens(clip.tokenize(text))
-    return cond.detach().float().cpu()
+    return encode_prompt_pooled(clip, text)[0]
+
+
+def encode_prompt_pooled(clip: Any, text: str) -> tuple[Any, Any]:
+    """(embedding [1, T, D], pooled output [1, P] or None) of ``text`` as CLIP Text Encode makes them; SDXL-family
+    models take the pooled output (CLIP-G's projected end token) into their ``y``."""
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return cond.detach().float().cpu(), None if pooled is None else pooled.detach().float().cpu()
 
 
 def validation_message(check: Callable[[], None]) -> "bool | str":

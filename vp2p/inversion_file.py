@@ -54,6 +54,9 @@ class Inversion:
     # the source branch is guided with ``negative`` at the sampler's cfg, and any SD model fits.
     generated: bool = False
     attention: Optional[AttentionStore] = None  # FateZero's store of the source attention
+    # The model's extra text conditioning of ``negative`` (SDXL's pooled CLIP-G output [1|F, 1280]), or None
+    # (SD1.x/SD2.x have none): the unconditional rows keep it when no negative CONDITIONING is connected.
+    negative_pooled: Optional[torch.Tensor] = None
 
     @property
     def frames(self) -> int:
@@ -79,7 +82,7 @@ class Inversion:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"trajectory": self.trajectory, "cond": self.cond, "timesteps": self.schedule.timesteps, "sigmas": self.schedule.sigmas}
-        for name in ("null_embeddings", "negative", "iterations", "source_path"):
+        for name in ("null_embeddings", "negative", "iterations", "source_path", "negative_pooled"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.attention is not None:
@@ -102,7 +105,8 @@ def load_inversion(path: Path) -> Inversion:
     try:
         inv = Inversion(t["trajectory"], t.get("null_embeddings"), t["cond"], Schedule(t["timesteps"], t["sigmas"]),
                         InversionMode.parse(meta["mode"]), float(meta["cfg"]), meta["model_fingerprint"],
-                        t.get("negative"), t.get("iterations"), t.get("source_path"), meta.get("generated") == "1")
+                        t.get("negative"), t.get("iterations"), t.get("source_path"), meta.get("generated") == "1",
+                        negative_pooled=t.get("negative_pooled"))
         if "attention_spec" in meta:
             inv.attention = AttentionStore.from_tensors(StoreSpec.from_json(meta["attention_spec"]),
                                                         {k[len("attention."):]: v for k, v in t.items() if k.startswith("attention.")})

@@ -67,6 +67,9 @@ class P2PEdit:
     cross_words: dict[int, float] = field(default_factory=dict)
     reweight: Optional[torch.Tensor] = None
     blend: Optional[LocalBlendSpec] = None
+    # the model's extra text conditioning of each prompt (SDXL's pooled CLIP-G output [1, 1280]), or None
+    source_pooled: Optional[torch.Tensor] = None
+    target_pooled: Optional[torch.Tensor] = None
     mapper: torch.Tensor = field(init=False)
     alphas: Optional[torch.Tensor] = field(init=False, default=None)
 
