@@ -141,6 +141,37 @@ def check_latent(model: Any, samples: Any, what: str) -> None:
     # connection's shape, and every per-layer token grid the pack uses is derived the same way (grid_of).
 
 
+def block_levels(model: Any, blocks: dict[LayerKey, str]) -> dict[LayerKey, int]:
+    """How many times the UNet has halved the latent where each transformer block runs, read from the
+    module tree: the ``Downsample`` modules before an input block (all of them for the middle block), minus
+    the ``Upsample`` modules before an output block."""
+    dm = model.get_model_object("diffusion_model")
+
+    def count(seq: Any, kind: str, upto: int) -> int:
+        return sum(type(m).__name__ == kind for block in list(seq)[:upto] for m in block.modules())
+
+    total = count(dm.input_blocks, "Downsample", len(dm.input_blocks))
+    levels = {}
+    for key, path in blocks.items():
+        top, index = path.split(".")[:2]
+        if top == "input_blocks":
+            levels[key] = count(dm.input_blocks, "Downsample", int(index) + 1)
+        elif top == "output_blocks":
+            levels[key] = total - count(dm.output_blocks, "Upsample", int(index))
+        else:
+            levels[key] = total
+    return levels
+
+
+def tokens_per_frame(level: int, latent_hw: tuple[int, int]) -> int:
+    """Spatial tokens of a block ``level`` halvings down a latent of ``latent_hw`` (each halving rounds up,
+    as the UNet's stride-2 convolutions do; ``vp2p.local_blend.grid_of`` reads grids the same way)."""
+    h, w = latent_hw
+    for _ in range(level):
+        h, w = -(-h // 2), -(-w // 2)
+    return h * w
+
+
 def block_shapes(model: Any, blocks: dict[LayerKey, str]) -> dict[LayerKey, BlockShape]:
     dm = model.get_model_object("diffusion_model")
     shapes = {}

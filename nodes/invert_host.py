@@ -36,17 +36,18 @@ import comfy.model_management
 import torch
 
 from ..vp2p import LayoutSpec, RunState, SettingsError
-from ..vp2p.attention_store import AttentionStore, AttentionStoreError, StoreLocation, StoreRecorder, StoreSpec, cond_digest, record_missing_steps
+from ..vp2p.attention_store import AttentionStore, AttentionStoreError, StoreLocation, StoreRecorder, StoreSpec, cond_digest, record_missing_steps, store_nbytes
 from ..vp2p.cache_budget import touch
 from ..vp2p.disk_cache import load_or_compute
 from ..vp2p.fingerprint import fingerprint
+from ..vp2p.frame_attention import FrameMode
 from ..vp2p.inversion import InversionMode, InversionSettings, ddim_invert, optimise_null_text
 from ..vp2p.inversion_file import FORMAT, Inversion, load_inversion, save_inversion
 from ..vp2p.schedule import Schedule
 from .autograd_host import BACKWARD_MEMORY, autograd, make_autograd_clone
 from .cache_admin import after_write, enforce_limit
 from .comfy_call import Stage, pooled_of, run_stage
-from .comfy_host import check_latent, get_state, options_cacheable
+from .comfy_host import block_levels, block_shapes, check_latent, get_state, options_cacheable, tokens_per_frame, transformer_blocks
 from .model_facts import alphas_cumprod, conditioning_key, conditioning_tensor, model_fingerprint, prediction_kind
 
 log = logging.getLogger("VideoP2P")
@@ -154,6 +155,35 @@ def store_spec(model: Any, positive: list, frames: int, steps: int, fraction: fl
                                   state.settings.frame_attention_min_channels)
 
 
+def predicted_store_bytes(model: Any, spec: StoreSpec, latent_hw: tuple[int, int], context: int) -> int:
+    """The size the store of ``spec`` will have on this MODEL and latent size, before recording: the layers'
+    token counts from the UNet's own halvings, their widths and heads from the blocks (``store_nbytes``)."""
+    blocks = transformer_blocks(model)
+    levels, shapes = block_levels(model, blocks), block_shapes(model, blocks)
+    layers = [(tokens_per_frame(levels[k], latent_hw), shapes[k].dim, shapes[k].heads) for k in blocks]
+    return store_nbytes(spec.frames, layers, FrameMode.parse(spec.frame_mode), context, spec.stored_steps, spec.max_tokens,
+                        spec.frame_attention_min_channels)
+
+
+def announce_store(model: Any, spec: StoreSpec, latent_hw: tuple[int, int], context: int, folder: Optional[Path]) -> int:
+    """Log the store's predicted size and where it goes before recording; refuse a disk store that would not fit
+    the free space of its folder's disk (nothing recorded, nothing written)."""
+    import shutil
+
+    need = predicted_store_bytes(model, spec, latent_hw, context)
+    where = "in RAM" if folder is None else f"on disk in {folder}"
+    log.info("%s: recording an attention store of %.3f GB (fp16; %d of %d steps, layers ≤ %d tokens per frame, %d frames), %s.",
+             NODE, need / 1e9, spec.stored_steps, spec.steps, spec.max_tokens, spec.frames, where)
+    if folder is not None:
+        existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+        free = shutil.disk_usage(existing).free if existing is not None else None
+        if free is not None and need > free:
+            raise SettingsError(
+                f"{NODE}: the attention store needs {need / 1e9:.2f} GB but the disk of {folder} has {free / 1e9:.2f} GB free. Free "
+                "some space (e.g. 'Clear Video-P2P cache'), lower store_steps or store_max_tokens, or use fewer frames.")
+    return need
+
+
 def cache_key(fp: str, samples: torch.Tensor, positive: list, negative: list, settings: InversionSettings) -> Optional[str]:
     """The inversion's content key, or ``None`` when a CONDITIONING carries something that cannot be keyed
     (a ControlNet, GLIGEN, hooks): then the inversion is not cached."""
@@ -203,6 +233,8 @@ def invert_cached(model: Any, positive: list, negative: list, samples: torch.Ten
                 folder = None  # cpu: in RAM only, nothing written
             elif (folder / "spec.json").exists():
                 (folder / "spec.json").unlink()  # whole again only once the new recording is finished
+            announce_store(model, store_spec_, tuple(samples.shape[-2:]), conditioning_tensor(positive, samples.shape[0], "positive",
+                                                                                              NODE).shape[1], folder)
             recording = AttentionStore(store_spec_, folder, in_memory=not on_disk)
     recording_dir = None if recording is None else recording.directory
     inv, hit = load_or_compute(path, load_inversion,

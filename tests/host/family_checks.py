@@ -92,6 +92,10 @@ def fatezero_checks(pack, family: str, base, clip, size: int = 8) -> None:
                        model=model, positive=encode(clip, SOURCE), negative=encode(clip, ""), latent={"samples": latents}, steps=STEPS,
                        cfg=7.5, mode="ddim_only", inner_steps=0, early_stop=1e-5, store_attention=True, use_cache=False).result
     assert inv.attention is not None
+    # the size logged before recording is the size recorded (layer grids and widths read from this model)
+    predict = host_module(pack, "invert_host").predicted_store_bytes
+    context = encode(clip, SOURCE)[0][0].shape[1]
+    assert predict(model, inv.attention.spec, (size, size), context) == inv.attention.nbytes > 0
 
     def fz(target, **kw):
         args = dict(source_prompt=SOURCE, target_prompt=target, cross_replace=0.75, self_replace=0.75, blend_words="",

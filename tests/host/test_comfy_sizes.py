@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.host.comfy_env import encode, inflated, make_clip, make_narrow_sd15, nodes_of
+from tests.host.comfy_env import encode, host_module, inflated, make_clip, make_narrow_sd15, nodes_of
 
 FRAMES = 2
 STEPS = 2
@@ -61,7 +61,26 @@ def test_edit_nodes_at_512x288(pack, model, clip):
         assert out.shape == (FRAMES, 4, h, w) and torch.isfinite(out).all()
     assert src_maps.shape == tgt_maps.shape == (FRAMES, h * 8, w * 8, 3) and mask.shape == (FRAMES, h * 8, w * 8)
     assert 0.0 <= float(src_maps.min()) and float(src_maps.max()) <= 1.0
-    assert inv.attention is not None and inv.attention.nbytes > 0
+    # the store's size, predicted and logged before recording, from the odd grids of this model (16×9, 8×5, …)
+    host = host_module(pack, "invert_host")
+    assert host.predicted_store_bytes(model, inv.attention.spec, (h, w), 77) == inv.attention.nbytes > 0
+
+
+def test_a_disk_store_that_would_not_fit_is_refused_before_recording(pack, model, clip, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    h, w = SIZES["512x288"]
+    host = host_module(pack, "invert_host")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))  # 1 kB free
+    spec = host.store_spec(model, encode(clip, SOURCE), FRAMES, STEPS, 1.0, 1024)
+    settings = host.InversionSettings(steps=STEPS, cfg=7.5, mode=host.InversionMode.DDIM_ONLY, inner_steps=0, early_stop=1e-5)
+    with pytest.raises(ValueError, match=r"the attention store needs .* GB but the disk of .* has 0.00 GB free"):
+        with torch.inference_mode():
+            host.invert_cached(model, encode(clip, SOURCE), encode(clip, ""), video(h, w), settings, None, None, spec,
+                               host.StoreLocation.DISK, tmp_path)
+    assert not any(tmp_path.iterdir()), "nothing is written for a refused store"
 
 
 def test_tune_box_and_guidance_at_448x320(pack, model, clip):
