@@ -68,7 +68,7 @@ class CrossAttentionGuidance(io.ComfyNode):
                 "Exact for Euler and DDIM; other samplers get the same correction folded into that step's prediction."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x/SD2.x MODEL (inflated T2S, or with temporal modules from other packs)."),
+                io.Model.Input("model", tooltip="An SD1.x/SD2.x/SDXL MODEL (inflated T2S, or with temporal modules from other packs)."),
                 io.Conditioning.Input("positive", tooltip="The prompt's conditioning (CLIP Text Encode of `prompt`)."),
                 io.Conditioning.Input("negative", tooltip="The negative conditioning."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance scale."),
@@ -86,8 +86,10 @@ class CrossAttentionGuidance(io.ComfyNode):
                                tooltip="study: every step for the first quarter of the steps, then every other step. "
                                        "every_step: all steps (slower, stronger)."),
                 io.Combo.Input("layers", options=list(LAYER_CHOICES), default="16x16_8x8_middle", optional=True,
-                               tooltip="Which cross-attention maps the energy uses, by their size at 512² (latent/4 and "
-                                       "latent/8). The study found the middle block essential."),
+                               tooltip="Which cross-attention maps the energy uses, by their size at SD1.x's 512² (latent/4 "
+                                       "and latent/8; SD1.x has latent/8 maps in the middle block only). On SDXL at 1024² the "
+                                       "same levels are its coarsest, 32² (latent/4), and the middle block. The study found the "
+                                       "middle block essential."),
             ],
             outputs=[io.Guider.Output(tooltip="For SamplerCustomAdvanced.")],
         )

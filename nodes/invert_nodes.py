@@ -46,7 +46,7 @@ class NullTextInvert(io.ComfyNode):
                 "second run with the same model, video, prompts and settings is a file read."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The (inflated, tuned) MODEL the edit will use. Any SD1.x/SD2.x MODEL works."),
+                io.Model.Input("model", tooltip="The (inflated, tuned) MODEL the edit will use. Any SD1.x/SD2.x/SDXL MODEL works."),
                 io.Conditioning.Input("positive", tooltip="The source prompt describing the video (batch 1, or one per frame)."),
                 io.Conditioning.Input("negative", tooltip="The initial unconditional embedding, usually an empty prompt. The "
                                                           "decoupled sampler's target branch keeps using it."),

@@ -70,7 +70,7 @@ def pick_key(tokenizer: Any, key: Optional[str] = None) -> tuple[str, Any]:
         if inner is not None and hasattr(inner, "tokenizer") and hasattr(inner, "max_length"):
             return k, inner
     raise SettingsError(
-        f"The controllers need an SD1.x/SD2.x CLIP (a CLIP-L or OpenCLIP-H text encoder); this CLIP's tokenizer is "
+        f"The controllers need an SD1.x/SD2.x/SDXL CLIP (CLIP-L, OpenCLIP-H, or SDXL's CLIP-L + CLIP-G); this CLIP's tokenizer is "
         f"{type(tokenizer).__name__}{f' without the key {key!r}' if key else ''}. Connect the CLIP of the checkpoint the video is "
         "edited with."
     )

@@ -27,12 +27,12 @@ class InflateT2S(io.ComfyNode):
             category="video_p2p/1 model",
             search_aliases=["t2s", "text-to-set", "inflate", "video p2p", "video edit", "tune-a-video"],
             description=(
-                "Inflates an SD1.x/SD2.x MODEL into a text-to-set (T2S) model: the latent batch is one video, "
+                "Inflates an SD1.x/SD2.x/SDXL MODEL into a text-to-set (T2S) model: the latent batch is one video, "
                 "self-attention becomes frame attention and (optionally) temporal attention layers are added. "
                 "The input MODEL is not changed. The output works with stock samplers."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x/SD2.x MODEL (from a checkpoint loader, LoRA, IPAdapter …). It is cloned, never modified."),
+                io.Model.Input("model", tooltip="An SD1.x/SD2.x/SDXL MODEL (from a checkpoint loader, LoRA, IPAdapter …). It is cloned, never modified."),
                 io.Combo.Input("frame_attention", options=[m.value for m in FrameMode], default=FrameMode.FIRST_FRAME.value,
                                tooltip=FRAME_MODE_HELP),
                 io.Boolean.Input("temporal_attention", default=True,
