@@ -118,3 +118,72 @@ def write_random_sd15_checkpoint(path: Path, seed: int = 0, levels: int = 2) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path), metadata={"format": "pt", "note": "random weights for tests"})
     return path
+
+
+# -- an SDXL-family checkpoint -------------------------------------------------------------------------
+
+# ComfyUI's detection matches an SDXL-family model by model_channels, transformer depths, context and adm
+# width (comfy/supported_models.py), not by the channel multipliers: Segmind Vega's depths with every level at
+# 320 channels are detected as Segmind_Vega (an SDXL subclass: pooled + size conditioning, SDXL latent format)
+# with 115 M parameters instead of 745 M.
+SDXL_UNET_CONFIG: dict = {
+    "model_channels": 320, "use_linear_in_transformer": True, "transformer_depth": [0, 0, 1, 1, 2, 2], "context_dim": 2048,
+    "adm_in_channels": 2816, "use_temporal_attention": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+    "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential", "num_res_blocks": [2, 2, 2],
+    "channel_mult": [1, 1, 1], "transformer_depth_middle": 2, "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2],
+    "num_head_channels": 64, "use_temporal_resblock": False, "use_checkpoint": False,
+}
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_CLIP_G_PREFIX = "conditioner.embedders.1.model."
+
+
+def _sdxl_unet_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """State dict of ComfyUI's own UNet with ``SDXL_UNET_CONFIG``, every parameter written."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(**SDXL_UNET_CONFIG, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    init_weights(unet, seed)
+    _assert_all_initialised(unet, "SDXL UNet")
+    return unet.state_dict()
+
+
+def _sdxl_clip_state_dicts(seed: int) -> dict[str, torch.Tensor]:
+    """ComfyUI's full SDXL text encoders (CLIP-L and CLIP-G: the checkpoint loader builds them at their real
+    size, so every weight must be in the file), random, keyed as an SDXL checkpoint keys them."""
+    import comfy.ops
+    import comfy.sdxl_clip
+
+    clip = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32, model_options={"custom_operations": comfy.ops.manual_cast})
+    init_weights(clip, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in clip.modules():
+            if isinstance(m, nn.Embedding):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * EMBEDDING_STD)
+    for name in ("clip_l", "clip_g"):  # the only plain parameters: CLIP's logit scale, created initialised
+        assert torch.isfinite(getattr(clip, name).logit_scale).all()
+        _assert_all_initialised(getattr(clip, name).transformer, f"SDXL {name}")
+    out = {}
+    for k, v in clip.state_dict().items():
+        if k.startswith("clip_l.transformer.text_model."):
+            out[SDXL_CLIP_L_PREFIX + k[len("clip_l.transformer."):]] = v
+        elif k.startswith("clip_g."):  # already in the layout ComfyUI converts OpenCLIP-G keys to
+            out[SDXL_CLIP_G_PREFIX + k[len("clip_g."):]] = v
+    return out
+
+
+def write_random_sdxl_checkpoint(path: Path, seed: int = 0) -> Path:
+    """Write a random-weight SDXL-family single-file checkpoint (``SDXL_UNET_CONFIG``, ComfyUI detects it as
+    Segmind_Vega) with full-size CLIP-L + CLIP-G and the SD VAE, in fp16 (~1.9 GB)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    sd: dict[str, torch.Tensor] = {}
+    for prefix, part in ((UNET_PREFIX, _sdxl_unet_state_dict(seed)), (VAE_PREFIX, _vae_state_dict(seed + 1)), ("", _sdxl_clip_state_dicts(seed + 2))):
+        for k, v in part.items():
+            sd[prefix + k] = v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()
+        del part
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata={"format": "pt", "note": "random weights for tests"})
+    return path

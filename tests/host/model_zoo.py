@@ -93,6 +93,22 @@ def make_sdxl(seed: int = 0, width: int = 64, in_channels: int = 4) -> Any:
                                                 offload_device=comfy.model_management.unet_offload_device())
 
 
+def make_detected_sdxl(seed: int = 0) -> Any:
+    """An SDXL-family MODEL that ComfyUI's own loader detects (``load_diffusion_model_state_dict``): Segmind Vega's
+    depths at 320 channels on every level (``tests.host.checkpoint.SDXL_UNET_CONFIG``, 115 M parameters; detection
+    does not read the channel multipliers), the UNet the SDXL workflow checkpoint carries."""
+    import comfy.model_base
+    import comfy.sd
+
+    from tests.host.checkpoint import _sdxl_unet_state_dict
+
+    with torch.inference_mode():
+        patcher = comfy.sd.load_diffusion_model_state_dict(_sdxl_unet_state_dict(seed))
+    assert patcher is not None and type(patcher.model.model_config).__name__ == "Segmind_Vega"
+    assert isinstance(patcher.model, comfy.model_base.SDXL)
+    return patcher
+
+
 def _random_clip(target: Any, options: dict, seed: int) -> Any:
     import comfy.ops
     import comfy.sd

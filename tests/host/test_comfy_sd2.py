@@ -55,8 +55,3 @@ def test_cross_attention_guidance(pack, sd2v, clip):
 
 def test_tune_and_start_from_noise(pack, sd2v, clip):
     fc.tune_and_noise_checks(pack, "sd2-v", sd2v, clip)
-
-
-def test_report_timings():
-    print("\nCPU seconds per stage (SD2.x, 8×8 latent, %d frames, %d steps): %s"
-          % (fc.FRAMES, fc.STEPS, {f: {k: round(v, 2) for k, v in t.items()} for f, t in fc.TIMINGS.items()}))

@@ -1,5 +1,6 @@
-"""ComfyUI host: every node on an SDXL-family MODEL (ComfyUI's model_base.SDXL of Segmind Vega's layout, 64
-channels; see tests/host/model_zoo.py) with ComfyUI's SDXL CLIP-L + CLIP-G text encoder and tokenizer."""
+"""ComfyUI host: every node on an SDXL-family MODEL that ComfyUI's own loader detects (Segmind_Vega: an SDXL
+subclass with pooled + size conditioning and SDXL's latent format; Vega's depths at 320 channels on every level,
+see tests/host/model_zoo.make_detected_sdxl) with ComfyUI's SDXL CLIP-L + CLIP-G text encoder and tokenizer."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import torch
 
 from tests.host import family_checks as fc
 from tests.host.comfy_env import encode, inflated
-from tests.host.model_zoo import make_clip_sdxl, make_sdxl
+from tests.host.model_zoo import make_clip_sdxl, make_detected_sdxl, make_sdxl
 
 SIZE = 16  # a 16×16 latent: the coarsest cross-attention maps (latent/4) are 4×4, enough for a LocalBlend mask
 
 
 @pytest.fixture(scope="module")
 def sdxl(comfy_path):
-    return make_sdxl(0)
+    return make_detected_sdxl(0)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,3 @@ def test_an_edit_without_pooled_outputs_is_refused_clearly(pack, sdxl, clip):
 def test_inpainting_unet_is_refused_with_what_works(pack, comfy_path):
     with pytest.raises(ValueError, match="9 input channels.*What works"):
         inflated(pack, make_sdxl(1, in_channels=9))
-
-
-def test_report_timings():
-    print("\nCPU seconds per stage (SDXL-family, 64 channels, %d×%d latent, %d frames, %d steps): %s"
-          % (SIZE, SIZE, fc.FRAMES, fc.STEPS, {k: round(v, 2) for k, v in fc.TIMINGS.get("sdxl", {}).items()}))

@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from tests.host.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, write_random_sd15_checkpoint
+from tests.host.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, write_random_sd15_checkpoint, write_random_sdxl_checkpoint
 from tests.host.controlnet import write_random_controlnet
 from tests.host.server import ComfyClient, comfy_server
 from tests.host.workflow_api import WorkflowConversionError, missing_node_types, ui_to_api
@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 CKPT_NAME = "vp2p_random_sd15.safetensors"
 CN_NAME = "vp2p_random_controlnet_sd15.safetensors"
+SDXL_CKPT_NAME = "vp2p_random_sdxl.safetensors"  # for the *_sdxl templates
 # 3 frames: the smallest video on which first-frame, sparse-causal and middle-frame attention all differ.
 FRAMES = 3
 RUN_TIMEOUT_S = 240.0
@@ -79,6 +80,15 @@ def random_checkpoint(comfy_path, tmp_path_factory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
+def random_sdxl_checkpoint(random_checkpoint: Path) -> Iterator[Path]:
+    """A random-weight SDXL-family checkpoint (detected as Segmind_Vega; full-size CLIP-L + CLIP-G, ~2 GB) next to
+    the SD1.5 one, for the *_sdxl templates."""
+    path = write_random_sdxl_checkpoint(random_checkpoint.parent / SDXL_CKPT_NAME, seed=0)
+    yield path
+    path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
 def random_controlnet(comfy_path, tmp_path_factory) -> Iterator[Path]:
     """A random-weight SD1.5 ControlNet fitting the random checkpoint's UNet, in a folder of its own (the
     server's controlnet folder)."""
@@ -88,7 +98,8 @@ def random_controlnet(comfy_path, tmp_path_factory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def comfy_client(comfy_path, random_checkpoint: Path, random_controlnet: Path, tmp_path_factory) -> Iterator[ComfyClient]:
+def comfy_client(comfy_path, random_checkpoint: Path, random_sdxl_checkpoint: Path, random_controlnet: Path,
+                 tmp_path_factory) -> Iterator[ComfyClient]:
     """A running ComfyUI server with the pack loaded and the random checkpoint and ControlNet available."""
     output_dir = tmp_path_factory.mktemp("comfy_output")
     with comfy_server(comfy_path, ROOT, random_checkpoint.parent, output_dir, controlnet_dir=random_controlnet.parent) as client:
@@ -96,6 +107,27 @@ def comfy_client(comfy_path, random_checkpoint: Path, random_controlnet: Path, t
 
 
 # -- the checkpoint ---------------------------------------------------------------------------------
+
+def test_random_sdxl_checkpoint_loads_as_sdxl_family(random_sdxl_checkpoint, caplog):
+    """ComfyUI's own loader detects the SDXL file as an SDXL-family model (pooled + size conditioning, SDXL latent
+    format), finds every weight, and its CLIP gives the pooled output."""
+    import comfy.latent_formats
+    import comfy.model_base
+    import comfy.sd
+
+    import nodes
+
+    with caplog.at_level(logging.WARNING):
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(random_sdxl_checkpoint))
+    assert type(model.model.model_config).__name__ == "Segmind_Vega" and isinstance(model.model, comfy.model_base.SDXL)
+    assert isinstance(model.model.latent_format, comfy.latent_formats.SDXL)
+    warned = [r.getMessage() for r in caplog.records
+              if r.getMessage().lower().startswith(("unet missing", "unet unexpected", "missing vae keys", "clip missing"))]
+    assert not warned, f"ComfyUI reported missing weights: {warned}"
+    cond = nodes.CLIPTextEncode().encode(clip, "a cat running")[0]
+    assert cond[0][0].shape == (1, 77, 2048) and cond[0][1]["pooled_output"].shape == (1, 1280)
+    assert torch.isfinite(cond[0][0]).all() and float(cond[0][0].std()) > 0.1
+
 
 def test_random_checkpoint_loads_as_sd15(random_checkpoint, caplog):
     """ComfyUI's own loader detects the file as SD15, finds every weight, and CLIP/VAE give real outputs."""
@@ -277,7 +309,7 @@ def test_example_workflow_runs(workflow_path: Path, comfy_client: ComfyClient):
     assert "VP2P_InflateT2S" in object_info, "the server did not load the pack:\n" + comfy_client.log_tail()
     assert missing_node_types(workflow, object_info) == [], "the frontend would report missing nodes"
 
-    prompt = shrink_for_cpu(ui_to_api(workflow, object_info), CKPT_NAME)
+    prompt = shrink_for_cpu(ui_to_api(workflow, object_info), SDXL_CKPT_NAME if workflow_path.stem.endswith("_sdxl") else CKPT_NAME)
     assert prompt, "the workflow has no executable nodes"
     for node in prompt.values():  # inputs the workflow expects in ComfyUI's input folder
         if node["class_type"] == "LoadVideo":
