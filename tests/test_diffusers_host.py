@@ -209,3 +209,38 @@ def test_min_channels_keeps_narrow_blocks_plain_through_the_unet(unet):
     with DiffusersT2S(unet, T2SSettings(FrameMode.MIDDLE_FRAME, False)) as every:  # the default, 0: every block
         everywhere = every(x, 500, ctx, cond_or_uncond=[1, 0])
     assert not torch.allclose(narrowed, everywhere, atol=1e-4)
+
+
+@torch.no_grad()
+def test_sdxl_style_added_cond_follows_each_videos_role():
+    """A text_time UNet gets each video's pooled output (by its (kind, branch) role in the call's explicit layout)
+    and the size ids: one composed call equals the plain UNet run per video; without an AddedCond it is refused."""
+    from diffusers import UNet2DConditionModel
+
+    from tests.helpers import TINY_UNET_CONFIG, init_weights
+    from vp2p.diffusers_host import AddedCond, sdxl_time_ids
+    from vp2p.errors import SettingsError
+    from vp2p.layout import COND, SOURCE, TARGET, UNCOND, LayoutSpec
+
+    cfg = dict(TINY_UNET_CONFIG, addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16)
+    unet = init_weights(UNet2DConditionModel(**cfg), 3).eval()
+    g = torch.Generator().manual_seed(5)
+    roles = ((UNCOND, TARGET), (COND, SOURCE), (COND, TARGET))
+    pooled = {role: torch.randn(1, 16, generator=g) for role in roles}
+    ids = sdxl_time_ids(64, 48, (8, 0))
+    assert ids.tolist() == [[64.0, 48.0, 8.0, 0.0, 64.0, 48.0]]
+    x, ctx = inputs(frames=2, chunks=3)
+    run = RunState(None, LayoutSpec(2, 2, roles))
+    with DiffusersT2S(unet, T2SSettings(FrameMode.NONE, False, NormScope.FRAME), added_cond=AddedCond(pooled, ids)) as host:
+        got = host(x, 500, ctx, cond_or_uncond=[k for k, _ in roles], run=run)
+    for n, role in enumerate(roles):
+        rows = slice(2 * n, 2 * n + 2)
+        want = unet(x[rows], 500, encoder_hidden_states=ctx[rows],
+                    added_cond_kwargs={"text_embeds": pooled[role].expand(2, -1), "time_ids": ids.expand(2, -1)}).sample
+        assert (got[rows] - want).abs().max() <= 1e-5, role
+        other = unet(x[rows], 500, encoder_hidden_states=ctx[rows],
+                     added_cond_kwargs={"text_embeds": pooled[roles[(n + 1) % 3]].expand(2, -1), "time_ids": ids.expand(2, -1)}).sample
+        assert (other - want).abs().max() > 1e-3  # the pooled output matters
+    with DiffusersT2S(unet, T2SSettings(FrameMode.NONE, False, NormScope.FRAME)) as host:
+        with pytest.raises(SettingsError, match="text_time"):
+            host(x, 500, ctx, cond_or_uncond=[k for k, _ in roles], run=run)

@@ -8,6 +8,11 @@ diffusers calls into the patch's ``(q, k, v, extra_options)`` convention, with t
 same ``extra_options`` keys ComfyUI provides (``block``, ``block_index``,
 ``n_heads``, ``cond_or_uncond``, ``sigmas``, ``original_shape``).
 
+SDXL-style UNets (``addition_embed_type="text_time"``) also take a pooled text embedding and six size
+numbers per row (``added_cond_kwargs``): ``AddedCond`` gives each video role ``(kind, branch)`` its pooled
+output (the source branch the source prompt's, the target branch the target's, the unconditional rows the
+negative's) and the size ids; the rows are read from the call's explicit layout, as ComfyUI's host does.
+
 Installing is reversible: ``remove()`` (or leaving the ``with`` block) restores the
 UNet's processors and removes the hooks.
 """
@@ -16,15 +21,17 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .control import RUN_STATE_KEY, RunState
-from .errors import RegistrationError, UnsupportedModelError
+from .errors import LayoutError, RegistrationError, SettingsError, UnsupportedModelError
 from .keys import LayerKey, diffusers_transformer_keys
+from .layout import BatchLayout
 from .patch import AttentionPatch, T2SSettings
 from .temporal import BlockShape, TemporalBank
 from .video_norm import NormScope, VideoNorm, video_norm_paths
@@ -52,6 +59,46 @@ def diffusers_block_shapes(unet: nn.Module) -> dict[LayerKey, tuple[str, BlockSh
         inner = attn.to_q.out_features
         out[key] = (path, BlockShape(dim=attn.to_q.in_features, heads=attn.heads, dim_head=inner // attn.heads))
     return out
+
+
+def sdxl_time_ids(height: int, width: int, crop: tuple[int, int] = (0, 0), target: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """SDXL's size conditioning [1, 6] in pixels: original (h, w), crop top-left (top, left), target (h, w) —
+    the order of ComfyUI's ``SDXL.encode_adm`` (height, width, crop_h, crop_w, target_height, target_width);
+    ``target`` defaults to the original size."""
+    th, tw = target if target is not None else (height, width)
+    return torch.tensor([[float(height), float(width), float(crop[0]), float(crop[1]), float(th), float(tw)]])
+
+
+PooledSource = Union[Mapping[tuple[int, int], torch.Tensor], Callable[[int, int], torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class AddedCond:
+    """The added conditioning of an SDXL-style UNet (``addition_embed_type="text_time"``).
+
+    ``pooled``: ``(kind, branch) -> [1, P]`` pooled text output of that video role (a mapping or a callable);
+    ``time_ids``: [1, 6] size ids (``sdxl_time_ids``), the same for every row."""
+
+    pooled: PooledSource
+    time_ids: torch.Tensor
+
+    def pooled_of(self, kind: int, branch: int) -> torch.Tensor:
+        """[1, P] pooled output of the video role ``(kind, branch)``."""
+        if callable(self.pooled) and not isinstance(self.pooled, Mapping):
+            p = self.pooled(kind, branch)
+        else:
+            p = self.pooled.get((kind, branch))
+        if p is None:
+            raise LayoutError(f"No pooled text output for the video role (kind={kind}, branch={branch}); the added conditioning names "
+                              f"{sorted(self.pooled) if isinstance(self.pooled, Mapping) else 'a callable'}.")
+        return p.reshape(1, -1)
+
+    def rows(self, layout: BatchLayout, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """``added_cond_kwargs`` of a call: ``text_embeds`` [R, P] (each video's pooled output on its F rows) and
+        ``time_ids`` [R, 6], R = videos × frames in the layout's row order."""
+        pooled = torch.cat([self.pooled_of(k, b).expand(layout.frames, -1) for k, b in layout.video_roles])
+        time_ids = self.time_ids.reshape(1, 6).expand(pooled.shape[0], -1)
+        return {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": time_ids.to(device=device, dtype=dtype)}
 
 
 class _Processor:
@@ -101,8 +148,9 @@ class DiffusersT2S:
     """
 
     def __init__(self, unet: nn.Module, settings: T2SSettings, bank: Optional[TemporalBank] = None,
-                 patch: Optional[AttentionPatch] = None) -> None:
+                 patch: Optional[AttentionPatch] = None, added_cond: Optional[AddedCond] = None) -> None:
         self.unet = unet
+        self.added_cond = added_cond  # SDXL-style UNets: pooled output per video role + size ids
         self.blocks = diffusers_block_shapes(unet)
         if settings.temporal_attention and bank is None:
             bank = TemporalBank({k: s for k, (_, s) in self.blocks.items()}).to(next(unet.parameters()).device)
@@ -129,11 +177,30 @@ class DiffusersT2S:
             raise RuntimeError("DiffusersT2S is not installed: call install() or use it as a context manager.")
         self._options = {"cond_or_uncond": list(cond_or_uncond) if cond_or_uncond is not None else [0],
                          "sigmas": sigmas, "original_shape": list(sample.shape), RUN_STATE_KEY: run or RunState()}
+        kwargs: dict[str, Any] = {}
+        added = self._added_cond_kwargs(sample, cond_or_uncond, run)
+        if added is not None:
+            kwargs["added_cond_kwargs"] = added
         try:
             with self.video_norm.call(self._options) if self.video_norm is not None else nullcontext():
-                return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+                return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs).sample
         finally:
             self._options = {}
+
+    def _added_cond_kwargs(self, sample: torch.Tensor, cond_or_uncond: Optional[Sequence[int]],
+                           run: Optional[RunState]) -> Optional[dict[str, torch.Tensor]]:
+        """Per-row ``added_cond_kwargs`` of an SDXL-style UNet, each row's video role read from the call's explicit
+        layout (``run.layout``; without one, one video per ``cond_or_uncond`` entry); None for SD1.x/SD2.x."""
+        text_time = getattr(getattr(self.unet, "config", None), "addition_embed_type", None) == "text_time"
+        if self.added_cond is None:
+            if text_time:
+                raise SettingsError("This UNet is SDXL-style (addition_embed_type='text_time'): it also takes each row's pooled text output "
+                                    "and size ids. Give DiffusersT2S an AddedCond (pooled per (kind, branch), sdxl_time_ids).")
+            return None
+        if not text_time:
+            raise SettingsError("An AddedCond was given, but this UNet takes no pooled/size conditioning (addition_embed_type is not 'text_time').")
+        layout = BatchLayout.resolve(sample.shape[0], cond_or_uncond, run.layout if run is not None else None)
+        return self.added_cond.rows(layout, sample.device, sample.dtype)
 
     def denoiser(self, alphas_cumprod: torch.Tensor, prediction: str = "eps") -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         """``D(x_σ, σ, cond[, cond_or_uncond, run]) -> x0`` in the σ-space convention of ``vp2p.tuning``:
