@@ -25,7 +25,7 @@ import torch
 
 from ..vp2p import LayerKey, VP2PError
 from ..vp2p.tuned_file import TunedWeights
-from ..vp2p.tuning import TuneSettings, trainable_temporal_parameters, tune
+from ..vp2p.tuning import TuneSettings, trainable_temporal_parameters, tune, window_rows
 from .autograd_host import BACKWARD_MEMORY, AddDelta, autograd, make_autograd_clone
 from .comfy_call import Stage, run_stage
 from .comfy_host import T2SState, get_state, install
@@ -79,7 +79,9 @@ def tune_weights(model: Any, positive: list, latents: torch.Tensor, settings: Tu
     try:
         with autograd(mp):
             sigmas = mp.get_model_object("model_sampling").sigmas.detach().float().cpu()[[-1, 0]].clone()
-            losses = run_stage(mp, {"positive": positive}, latents, sigmas, loop, memory_rows=frames, backward_factor=BACKWARD_MEMORY)
+            # a step runs the window's frames, not the clip's: the memory estimate asks for those rows
+            losses = run_stage(mp, {"positive": positive}, latents, sigmas, loop, memory_rows=window_rows(settings, frames),
+                               backward_factor=BACKWARD_MEMORY)
     finally:
         for d in params:
             d.requires_grad_(False)

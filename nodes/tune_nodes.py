@@ -39,6 +39,15 @@ class TuneOnVideo(io.ComfyNode):
                                tooltip="AdamW learning rate (weight decay 1e-2, gradient clipping 1.0)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the timesteps and noise; the same seed gives the same tuned model."),
+                io.Int.Input("frames_per_step", default=0, min=0, max=4096, optional=True,
+                             tooltip="Frames each training step sees (long clips): a window of this many frames, taken every "
+                                     "frame_stride frames from a random start (seeded); frame attention and the temporal layers "
+                                     "then see that window as the video, and memory follows the window. 0: the whole clip every "
+                                     "step (the reference's behaviour for its 8-frame clips); a window as long as the clip or "
+                                     "longer also uses the whole clip."),
+                io.Int.Input("frame_stride", default=1, min=1, max=1024, optional=True,
+                             tooltip="Step between the frames of a window (as Tune-A-Video's sampling rate): 2 takes every "
+                                     "other frame, so a window spans more of the clip's motion. Only used with frames_per_step."),
                 io.String.Input("save_name", default="", optional=True,
                                 tooltip="Also save the tuned weights as models/vp2p/<save_name>.safetensors (load them with "
                                         "'Load Tuned T2S'). Empty: do not save."),
@@ -52,7 +61,7 @@ class TuneOnVideo(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent, steps: int, learning_rate: float, seed: int, save_name: str = "",
-                use_cache: bool = True) -> io.NodeOutput:
+                use_cache: bool = True, frames_per_step: int = 0, frame_stride: int = 1) -> io.NodeOutput:
         import comfy.utils
 
         from .comfy_host import check_latent
@@ -61,7 +70,8 @@ class TuneOnVideo(io.ComfyNode):
         samples = latent.get("samples") if isinstance(latent, dict) else None
         require_state(model)
         check_latent(model, samples, "Tune on Video")
-        settings = TuneSettings(steps=int(steps), learning_rate=float(learning_rate), seed=int(seed) % (2**63))
+        settings = TuneSettings(steps=int(steps), learning_rate=float(learning_rate), seed=int(seed) % (2**63),
+                                frames_per_step=int(frames_per_step), frame_stride=int(frame_stride))
         pbar = comfy.utils.ProgressBar(max(1, settings.steps))
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
 
@@ -104,7 +114,7 @@ def tune_cached(model, positive, samples, settings: TuneSettings, progress, save
         use_cache = False
     # format 2: trained on the model's latent scale (process_latent_in); format 1 trained on raw VAE latents
     key = "" if pos is None else fingerprint([("latents", samples), *pos[0]],
-                                            {"base": base, "t2s": state.settings.describe(), "tune": repr(settings),
+                                            {"base": base, "t2s": state.settings.describe(), "tune": settings.describe(),
                                              "format": "vp2p-tuned/2", "trainable": TRAINABLE_SET, **pos[1]})
     cached = cache_dir() / f"tune_{key[:40]}.safetensors" if use_cache else None
 
@@ -116,6 +126,8 @@ def tune_cached(model, positive, samples, settings: TuneSettings, progress, save
                                 conditioning_fingerprint=fingerprint([("cond", cond)]), steps=str(settings.steps),
                                 learning_rate=repr(settings.learning_rate), seed=str(settings.seed),
                                 final_loss=f"{sum(losses[-10:]) / len(losses[-10:]):.6g}")
+        if settings.frames_per_step:
+            weights.metadata.update(frames_per_step=str(settings.frames_per_step), frame_stride=str(settings.frame_stride))
         return weights
 
     weights, _ = load_or_compute(cached, load_tuned, train, save_tuned, "Tune on Video", after_write(cache_dir()))

@@ -166,3 +166,118 @@ def test_tuned_file_round_trip_and_damage(tmp_path):
     path.write_bytes(path.read_bytes()[:50])
     with pytest.raises(TunedFileError, match="truncated"):
         load_tuned(path)
+
+
+def recording_denoiser(calls: list):
+    """A denoiser that records what each step sees: (x [n, C, h, w], σ [n], cond [n, T, D]); x0 = 0·x keeps a graph."""
+    p = torch.zeros(3, requires_grad=True)
+
+    def denoise(x, sigma, cond):
+        calls.append((x.detach().clone(), sigma.detach().clone(), cond.detach().clone()))
+        return x * p.sum()
+
+    return denoise, p
+
+
+def frame_indexed(frames=9):
+    """Latents and a per-frame cond whose rows carry their frame index (cond[i] == i)."""
+    latents = torch.randn(frames, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    cond = torch.arange(frames, dtype=torch.float32).view(frames, 1, 1).expand(frames, 3, 8).clone()
+    return latents, cond
+
+
+def test_default_whole_clip_draws_exactly_as_before():
+    """Default settings (no window) draw one timestep then one noise of the clip's shape per step from the
+    seeded generator, nothing else: the inputs of every step are the old code path's, bit for bit."""
+    latents, cond = frame_indexed(5)
+    calls = []
+    denoise, p = recording_denoiser(calls)
+    tune(denoise, latents, cond, [p], AC, TuneSettings(steps=6, seed=11))
+    gen, sig = torch.Generator().manual_seed(11), training_sigmas(AC)
+    for x, sigma, c in calls:
+        t = int(torch.randint(0, sig.shape[0], (1,), generator=gen))
+        noise = torch.randn(latents.shape, generator=gen)
+        assert torch.equal(sigma, sig[t].expand(5))
+        assert torch.equal(x, latents + sig[t] * noise) and torch.equal(c, cond)
+
+
+def test_window_is_seeded_inside_the_clip_and_strided():
+    from vp2p.tuning import draw_window
+
+    latents, cond = frame_indexed(9)
+    settings = TuneSettings(steps=40, seed=2, frames_per_step=3, frame_stride=2)
+
+    def windows(s):
+        calls = []
+        denoise, p = recording_denoiser(calls)
+        tune(denoise, latents, cond, [p], AC, s)
+        return calls, [tuple(int(v) for v in c[:, 0, 0]) for _, _, c in calls]
+
+    calls, rows = windows(settings)
+    assert all(len(r) == 3 and r[1] - r[0] == 2 and r[2] - r[1] == 2 and 0 <= r[0] and r[2] <= 8 for r in rows)
+    assert {r[0] for r in rows} == {0, 1, 2, 3, 4}  # every start that fits is drawn over 40 steps
+    assert windows(settings)[1] == rows  # deterministic by seed
+    assert windows(TuneSettings(steps=40, seed=3, frames_per_step=3, frame_stride=2))[1] != rows
+    # the latent rows follow the window, with noise of the window's shape from the same generator
+    gen, sig = torch.Generator().manual_seed(2), training_sigmas(AC)
+    for x, sigma, _ in calls:
+        t = int(torch.randint(0, sig.shape[0], (1,), generator=gen))
+        idx = draw_window(gen, 9, (3, 2))
+        noise = torch.randn((3, 4, 4, 4), generator=gen)
+        assert torch.equal(sigma, sig[t].expand(3)) and torch.equal(x, latents[idx] + sig[t] * noise)
+
+
+def test_window_as_long_as_the_clip_or_longer_is_the_whole_clip(caplog):
+    """frames_per_step ≥ the clip's frames trains exactly as the default (same losses, same tuned tensors),
+    and a longer window says so in the log."""
+    results = []
+    for n in (0, 3, 10):
+        latents, cond = video()
+        host = DiffusersT2S(tiny_unet(seed=0), T2SSettings(FrameMode.FIRST_FRAME, True))
+        with caplog.at_level("INFO", logger="VideoP2P"):
+            caplog.clear()
+            with host:
+                losses = tune_diffusers(host, latents, cond, AC, TuneSettings(steps=4, learning_rate=1e-3, seed=7, frames_per_step=n))
+        results.append((losses, host))
+        assert ("longer than the clip" in caplog.text) == (n == 10)
+    (l0, h0), *others = results
+    for losses, host in others:
+        assert losses == l0
+        for k in h0.deltas:
+            assert torch.equal(host.deltas[k], h0.deltas[k])
+        for (name, a), (_, b) in zip(h0.bank.named_parameters(), host.bank.named_parameters()):
+            assert torch.equal(a, b), name
+
+
+def test_window_tunes_a_real_model_on_its_frames():
+    latents, cond = video(frames=5)
+    host = DiffusersT2S(tiny_unet(seed=0), T2SSettings(FrameMode.FIRST_FRAME, True))
+    with host:
+        losses = tune_diffusers(host, latents, cond, AC, TuneSettings(steps=3, learning_rate=1e-3, seed=1, frames_per_step=2))
+    assert len(losses) == 3 and all(d.abs().sum() > 0 for d in host.deltas.values())
+
+
+def test_stride_reaching_past_the_clip_is_lowered(caplog):
+    from vp2p.tuning import resolve_window, window_rows
+
+    with caplog.at_level("INFO", logger="VideoP2P"):
+        assert resolve_window(TuneSettings(frames_per_step=3, frame_stride=4), 5) == (3, 2)
+    assert "stride is lowered to 2" in caplog.text
+    assert resolve_window(TuneSettings(frames_per_step=2, frame_stride=4), 5) == (2, 4)
+    assert resolve_window(TuneSettings(frames_per_step=1, frame_stride=9), 5) == (1, 9)
+    assert resolve_window(TuneSettings(), 5) is None and resolve_window(TuneSettings(frames_per_step=5), 5) is None
+    assert [window_rows(TuneSettings(frames_per_step=n), 5) for n in (0, 2, 5, 8)] == [5, 2, 5, 5]
+
+
+def test_bad_windows_are_refused_and_the_default_key_is_unchanged():
+    from vp2p.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="frames_per_step must be ≥ 0"):
+        TuneSettings(frames_per_step=-1)
+    with pytest.raises(SettingsError, match="frame_stride must be ≥ 1"):
+        TuneSettings(frames_per_step=2, frame_stride=0)
+    # the cache key text of earlier versions (repr of the old dataclass), so existing cached tunings stay valid
+    assert TuneSettings(steps=300, seed=4).describe() == "TuneSettings(steps=300, learning_rate=3e-05, weight_decay=0.01, max_grad_norm=1.0, seed=4)"
+    assert TuneSettings(steps=300, seed=4, frame_stride=3).describe() == TuneSettings(steps=300, seed=4).describe()
+    windowed = TuneSettings(steps=300, seed=4, frames_per_step=4, frame_stride=2).describe()
+    assert windowed != TuneSettings(steps=300, seed=4).describe() and "frames_per_step=4" in windowed and "frame_stride=2" in windowed

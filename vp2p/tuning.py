@@ -10,6 +10,12 @@ Objective: the model's own training target (eps, or v for v-models) at a uniform
 training timestep (one per step, shared by the frames: the video is one sample) with
 fresh noise; AdamW with weight decay; gradient clipping.
 
+Frame windows (long clips): with ``frames_per_step`` > 0 each step trains on a window of
+that many frames taken every ``frame_stride`` frames from a random start, as Tune-A-Video
+samples ``n_sample_frames`` at a sampling rate; frame and temporal attention then see the
+window as the video. The default (0) trains on the whole clip every step, the reference's
+behaviour for its 8-frame clips, and draws nothing extra from the seeded generator.
+
 The loop is host-agnostic: it sees the model only through ``denoise(x_σ, σ, cond) -> x0``
 (ComfyUI's σ-space convention), so eps- and v-models train through the same code and
 hosts decide how the trainable tensors enter the forward pass.
@@ -77,12 +83,63 @@ class TuneSettings:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     seed: int = 0
+    # frames each step trains on (0: the whole clip) and the step between them
+    frames_per_step: int = 0
+    frame_stride: int = 1
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise SettingsError(f"steps must be ≥ 0, got {self.steps}.")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise SettingsError(f"learning_rate must be a positive number, got {self.learning_rate}.")
+        if self.frames_per_step < 0:
+            raise SettingsError(f"frames_per_step must be ≥ 0 (0: the whole clip every step), got {self.frames_per_step}.")
+        if self.frame_stride < 1:
+            raise SettingsError(f"frame_stride must be ≥ 1 (1: consecutive frames), got {self.frame_stride}.")
+
+    def describe(self) -> str:
+        """The settings in words, for cache keys. For the default window (the whole clip) this is the text
+        earlier versions keyed on, so their cached tunings stay valid; the window is added only when set."""
+        text = (f"TuneSettings(steps={self.steps!r}, learning_rate={self.learning_rate!r}, weight_decay={self.weight_decay!r}, "
+                f"max_grad_norm={self.max_grad_norm!r}, seed={self.seed!r})")
+        if self.frames_per_step:  # the stride alone changes nothing
+            text += f" window(frames_per_step={self.frames_per_step!r}, frame_stride={self.frame_stride!r})"
+        return text
+
+
+def resolve_window(settings: TuneSettings, frames: int, node: str = "Tune on Video") -> Optional[tuple[int, int]]:
+    """The (frames per step, stride) a clip of ``frames`` frames trains with, or None for the whole clip
+    every step. A window as long as the clip or longer uses the clip; a window whose stride reaches past
+    the clip keeps its frame count with the largest stride that fits. Both are logged."""
+    n, stride = settings.frames_per_step, settings.frame_stride
+    if n == 0:
+        if stride != 1:
+            log.info("%s: frame_stride %d has no effect without frames_per_step: every step trains on the whole clip.", node, stride)
+        return None
+    if n >= frames:
+        if n > frames:
+            log.info("%s: frames_per_step %d is longer than the clip (%d frames): every step trains on the whole clip.", node, n, frames)
+        return None
+    if (n - 1) * stride + 1 > frames:
+        fitted = (frames - 1) // (n - 1)
+        log.info("%s: %d frames every %d frames reach past the clip (%d frames): the stride is lowered to %d.",
+                 node, n, stride, frames, fitted)
+        stride = fitted
+    return n, stride
+
+
+def window_rows(settings: TuneSettings, frames: int) -> int:
+    """How many frames (UNet rows) one training step runs on a clip of ``frames`` frames."""
+    return settings.frames_per_step if 0 < settings.frames_per_step < frames else frames
+
+
+def draw_window(gen: torch.Generator, frames: int, window: tuple[int, int]) -> torch.Tensor:
+    """The frame indices of one step's window: [n] int64, ``n`` frames ``stride`` apart from a start drawn
+    uniformly (from ``gen``) among those that keep the window inside the clip."""
+    n, stride = window
+    span = (n - 1) * stride + 1
+    start = int(torch.randint(0, frames - span + 1, (1,), generator=gen))
+    return torch.arange(start, start + span, stride)
 
 
 def training_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -114,7 +171,8 @@ def tune(denoise: Denoiser, latents: torch.Tensor, cond: torch.Tensor, params: S
          should_stop: Optional[Callable[[], None]] = None) -> list[float]:
     """Optimise ``params`` in place; returns the loss of every step.
 
-    latents: [F, C, h, w] (model latent space); cond: [F, T, D] (or [1, T, D]).
+    latents: [F, C, h, w] (model latent space); cond: [F, T, D] (or [1, T, D]). With a frame window
+    (``settings.frames_per_step``) each step trains on [n, C, h, w] rows of the clip and their cond rows.
     ``should_stop`` may raise (e.g. ``TuningInterrupted``) between and inside steps.
     Raises ``TrainingDivergedError`` on a non-finite loss.
     """
@@ -123,6 +181,9 @@ def tune(denoise: Denoiser, latents: torch.Tensor, cond: torch.Tensor, params: S
     frames = latents.shape[0]
     if cond.shape[0] == 1 and frames > 1:
         cond = cond.expand(frames, -1, -1)
+    window = resolve_window(settings, frames)
+    if window is not None and cond.shape[0] != frames:
+        raise SettingsError(f"The conditioning has {cond.shape[0]} rows for a {frames}-frame clip: give one row or one per frame.")
     sigmas = training_sigmas(alphas_cumprod)
     gen = torch.Generator().manual_seed(settings.seed)  # CPU draws: identical on every device
     opt = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -132,11 +193,15 @@ def tune(denoise: Denoiser, latents: torch.Tensor, cond: torch.Tensor, params: S
         if should_stop is not None:
             should_stop()
         t = int(torch.randint(0, sigmas.shape[0], (1,), generator=gen))
-        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-        sigma = sigmas[t].to(x0.device).expand(frames)
-        x = x0 + sigma.view(-1, 1, 1, 1) * noise
-        denoised = denoise(x, sigma, cond).float()
-        pred, target = prediction_and_target(x, denoised, x0, noise, sigma, prediction)
+        clip, text = x0, cond
+        if window is not None:  # drawn only when windowing: the whole clip's draws are as they always were
+            rows = draw_window(gen, frames, window)
+            clip, text = x0[rows.to(x0.device)], cond[rows.to(cond.device)]
+        noise = torch.randn(clip.shape, generator=gen).to(x0.device)
+        sigma = sigmas[t].to(x0.device).expand(clip.shape[0])
+        x = clip + sigma.view(-1, 1, 1, 1) * noise
+        denoised = denoise(x, sigma, text).float()
+        pred, target = prediction_and_target(x, denoised, clip, noise, sigma, prediction)
         loss = F.mse_loss(pred, target)
         value = float(loss.detach())
         if not math.isfinite(value):
