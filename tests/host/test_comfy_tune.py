@@ -221,3 +221,52 @@ def test_node_refuses_latents_the_unet_cannot_take(pack, small_models):
     with pytest.raises(ValueError, match="Inflate to T2S"):
         with torch.inference_mode():
             node.execute(model=base, positive=cond, latent={"samples": torch.randn(2, 4, 8, 8)}, steps=1, learning_rate=1e-4, seed=0)
+
+
+def test_frame_window_trains_on_its_rows_and_keys_the_cache(pack, small_models, tmp_path, monkeypatch):
+    """frames_per_step=2 on a 5-frame clip: the node finishes and changes the model, ComfyUI's memory
+    estimate is asked for the window's rows (not the clip's), and the cache key has the window in it
+    (the default's key is unchanged by a stride that does nothing)."""
+    import folder_paths
+
+    _, base = small_models
+    model = inflated(pack, base)
+    comfy_call = host_module(pack, "comfy_call")
+    backward = host_module(pack, "autograd_host").BACKWARD_MEMORY
+    estimated = []
+    real_estimate = comfy_call.estimate_memory_for
+    monkeypatch.setattr(comfy_call, "estimate_memory_for", lambda options, rows: (estimated.append(rows), real_estimate(options, rows))[1])
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 4, 8, 8, generator=g) + 0.3 * torch.randn(5, 4, 8, 8, generator=g)
+    cond = [[torch.randn(1, 7, 768, generator=g), {}]]
+    node = nodes_of(pack)["VP2P_TuneOnVideo"]
+    with torch.inference_mode():
+        tuned = node.execute(model=model, positive=cond, latent={"samples": latents}, steps=2, learning_rate=1e-4, seed=0,
+                             use_cache=False, frames_per_step=2, frame_stride=2).result[0]
+    assert estimated == [max(1, round(2 * backward))]
+    x, ctx = torch.randn(5, 4, 8, 8), torch.randn(5, 7, 768)
+    assert (comfy_eps(tuned, x, 500, ctx) - comfy_eps(model, x, 500, ctx)).abs().max() > 1e-6
+
+    # the cache file each setting would use (no training: the lookup is stopped there)
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
+    folder_paths.folder_names_and_paths.pop("vp2p", None)
+    tune_nodes = host_module(pack, "tune_nodes")
+
+    class Looked(Exception):
+        pass
+
+    def stop(path, *args, **kwargs):
+        raise Looked(path.name)
+
+    monkeypatch.setattr(pack.vp2p.disk_cache, "load_or_compute", stop)
+
+    def cache_name(**window):
+        settings = pack.vp2p.tuning.TuneSettings(steps=2, learning_rate=1e-4, seed=0, **window)
+        with pytest.raises(Looked) as looked, torch.inference_mode():
+            tune_nodes.tune_cached(model, cond, latents, settings, None)
+        return str(looked.value)
+
+    whole = cache_name()
+    assert cache_name(frames_per_step=0, frame_stride=3) == whole
+    windowed = cache_name(frames_per_step=2)
+    assert len({whole, windowed, cache_name(frames_per_step=2, frame_stride=2)}) == 3
