@@ -39,6 +39,12 @@ class TuneOnVideo(io.ComfyNode):
                                tooltip="AdamW learning rate (weight decay 1e-2, gradient clipping 1.0)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the timesteps and noise; the same seed gives the same tuned model."),
+                io.String.Input("save_name", default="", optional=True,
+                                tooltip="Also save the tuned weights as models/vp2p/<save_name>.safetensors (load them with "
+                                        "'Load Tuned T2S'). Empty: do not save."),
+                io.Boolean.Input("use_cache", default=True, optional=True,
+                                 tooltip="Reuse an earlier result for the same model, video, prompt and settings from "
+                                         "models/vp2p/cache instead of training again (a hit costs a file read)."),
                 io.Int.Input("frames_per_step", default=0, min=0, max=4096, optional=True,
                              tooltip="Frames each training step sees (long clips): a window of this many frames, taken every "
                                      "frame_stride frames from a random start (seeded); frame attention and the temporal layers "
@@ -48,12 +54,6 @@ class TuneOnVideo(io.ComfyNode):
                 io.Int.Input("frame_stride", default=1, min=1, max=1024, optional=True,
                              tooltip="Step between the frames of a window (as Tune-A-Video's sampling rate): 2 takes every "
                                      "other frame, so a window spans more of the clip's motion. Only used with frames_per_step."),
-                io.String.Input("save_name", default="", optional=True,
-                                tooltip="Also save the tuned weights as models/vp2p/<save_name>.safetensors (load them with "
-                                        "'Load Tuned T2S'). Empty: do not save."),
-                io.Boolean.Input("use_cache", default=True, optional=True,
-                                 tooltip="Reuse an earlier result for the same model, video, prompt and settings from "
-                                         "models/vp2p/cache instead of training again (a hit costs a file read)."),
             ],
             outputs=[io.Model.Output(tooltip="The tuned T2S MODEL.")],
             hidden=[io.Hidden.unique_id],
