@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from .attention import AttentionFn, sdpa
-from .frame_attention import FrameMode
+from .frame_attention import FrameMode, FrameWindow
 from .keys import LayerKey
 from .layout import BatchLayout, LayoutSpec
 
@@ -43,6 +43,17 @@ class AttentionCall:
     frame_mode: FrameMode
     extra_options: Mapping[str, Any] = field(repr=False, compare=False)
     attention_fn: AttentionFn = field(default=sdpa, repr=False, compare=False)
+    window: Optional[FrameWindow] = field(default=None, compare=False)  # the call holds these frames of a longer video
+
+    @property
+    def frame_slice(self) -> slice:
+        """The frames of the whole video this call's ``layout.frames`` rows per video are."""
+        return self.window.frames if self.window is not None else slice(0, self.layout.frames)
+
+    @property
+    def total_frames(self) -> int:
+        """The whole video's frame count (``layout.frames`` unless the call is a window of it)."""
+        return self.window.total if self.window is not None else self.layout.frames
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The host's configured attention kernel (ComfyUI's optimized attention, SDPA under
@@ -122,3 +133,5 @@ class RunState:
 
     controller: Optional[AttentionController] = None
     layout: Optional[LayoutSpec] = None
+    # the frames of a longer video this call holds (``vp2p.frame_chunks``); None: the whole video
+    window: Optional[FrameWindow] = None

@@ -30,6 +30,8 @@ from torch import nn
 
 from .control import RUN_STATE_KEY, RunState
 from .errors import LayoutError, RegistrationError, SettingsError, UnsupportedModelError
+from .frame_attention import FrameWindow
+from .frame_chunks import evaluate_in_windows, should_chunk, take_rows, window_run
 from .keys import LayerKey, diffusers_transformer_keys
 from .layout import BatchLayout
 from .patch import AttentionPatch, T2SSettings
@@ -175,6 +177,18 @@ class DiffusersT2S:
         """One UNet evaluation with the pack's per-call options; returns the UNet's raw output."""
         if self._saved is None:
             raise RuntimeError("DiffusersT2S is not installed: call install() or use it as a context manager.")
+        settings = self.patch.settings
+        if settings.frames_per_chunk:
+            layout = BatchLayout.resolve(sample.shape[0], cond_or_uncond, run.layout if run is not None else None)
+            if should_chunk(run, layout.frames, settings.frames_per_chunk):
+                rows = sample.shape[0]
+
+                def evaluate(index: torch.Tensor, window: FrameWindow) -> torch.Tensor:
+                    return self(sample[index], take_rows(timestep, index, rows), take_rows(encoder_hidden_states, index, rows),
+                                cond_or_uncond, take_rows(sigmas, index, rows), window_run(run, window))
+
+                return evaluate_in_windows(evaluate, layout.videos, layout.frames, settings.frames_per_chunk,
+                                           settings.frame_attention, sample.device)
         self._options = {"cond_or_uncond": list(cond_or_uncond) if cond_or_uncond is not None else [0],
                          "sigmas": sigmas, "original_shape": list(sample.shape), RUN_STATE_KEY: run or RunState()}
         kwargs: dict[str, Any] = {}

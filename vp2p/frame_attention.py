@@ -17,14 +17,14 @@ memory grows linearly in the number of frames.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 from einops import rearrange
 
-from .errors import parse_option
+from .errors import LayoutError, parse_option
 
 
 class FrameMode(str, Enum):
@@ -42,6 +42,76 @@ def middle_frame(frames: int) -> int:
     """The frame ``middle_frame`` attention reads: ``(F − 1) // 2``, the lower middle for an even
     count (frame 3 of 8), which is the frame FateZero's code attends to."""
     return (frames - 1) // 2
+
+
+def anchor_frame(mode: FrameMode, frames: int) -> int:
+    """The frame every frame reads in a single-source mode (sparse_causal: frame 0, which every frame reads)."""
+    return middle_frame(frames) if mode is FrameMode.MIDDLE_FRAME else 0
+
+
+@dataclass
+class AnchorCache:
+    """Keys/values the windows of one UNet evaluation share, per layer (a hashable layer key):
+
+    * ``anchor``: the anchor frame's k/v of every video of the call, ``[videos, N, C]`` each
+      (``first_frame``/``middle_frame``: the frame every frame reads; ``sparse_causal``: frame 0);
+    * ``last``: ``sparse_causal`` only — the last frame of the window run before, as
+      ``(its end, k, v)``, which is the previous frame of the next window's first frame.
+
+    Under autograd the tensors keep their graph, so a later window's gradient reaches the anchor."""
+
+    anchor: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    last: dict[Any, tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FrameWindow:
+    """The frames ``start … start+count−1`` of a ``total``-frame video that one UNet call holds (every
+    video of the call: the same frames), and the ``AnchorCache`` its evaluation shares with the other
+    windows. Windows of one evaluation run the anchor's window first (``vp2p.frame_chunks.plan_windows``)."""
+
+    start: int
+    count: int
+    total: int
+    cache: AnchorCache = field(default_factory=AnchorCache, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.start < 0 or self.start + self.count > self.total:
+            raise LayoutError(f"A frame window {self.start}…{self.start + self.count - 1} does not fit a video of {self.total} frames.")
+
+    @property
+    def frames(self) -> slice:
+        return slice(self.start, self.start + self.count)
+
+    def holds(self, frame: int) -> bool:
+        return self.start <= frame < self.start + self.count
+
+    def anchor_kv(self, key: Any, kf: torch.Tensor, vf: torch.Tensor, frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The anchor ``frame``'s k/v [videos, N, C] at layer ``key``: taken from this window's own
+        ``kf``/``vf`` [videos, count, N, C] (and cached) when it holds the frame, else from the cache."""
+        if self.holds(frame):
+            kv = (kf[:, frame - self.start], vf[:, frame - self.start])
+            self.cache.anchor[key] = kv
+            return kv
+        if key not in self.cache.anchor:
+            raise LayoutError(f"Frames {self.start}…{self.start + self.count - 1} were evaluated before the window holding anchor frame "
+                              f"{frame} at layer {key}: run the anchor's window first (vp2p.frame_chunks.plan_windows).")
+        return self.cache.anchor[key]
+
+    def previous_kv(self, key: Any, kf: torch.Tensor, vf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sparse_causal``: the previous frame's k/v of each of this window's frames, [videos, count, N, C]
+        (frame 0 reads itself); remembers this window's last frame for the next window."""
+        if self.start == 0:
+            kp, vp = torch.cat([kf[:, :1], kf[:, :-1]], dim=1), torch.cat([vf[:, :1], vf[:, :-1]], dim=1)
+        else:
+            end, k_last, v_last = self.cache.last.get(key, (-1, None, None))
+            if end != self.start:
+                raise LayoutError(f"sparse_causal frame attention reads the previous frame: the window ending at frame {self.start - 1} "
+                                  f"must run right before frames {self.start}…{self.start + self.count - 1} (layer {key}).")
+            kp = torch.cat([k_last[:, None], kf[:, :-1]], dim=1)
+            vp = torch.cat([v_last[:, None], vf[:, :-1]], dim=1)
+        self.cache.last[key] = (self.start + self.count, kf[:, -1], vf[:, -1])
+        return kp, vp
 
 
 def source_frames(mode: FrameMode, frames: int) -> list[list[int]]:
@@ -77,21 +147,33 @@ class FrameAttentionInputs:
         return out
 
 
-def frame_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, videos: int, frames: int, mode: FrameMode) -> FrameAttentionInputs:
-    """Regroup self-attention inputs ``[videos·F, N, C]`` for the frame attention ``mode``."""
+def frame_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, videos: int, frames: int, mode: FrameMode,
+                           window: Optional[FrameWindow] = None, key: Any = None) -> FrameAttentionInputs:
+    """Regroup self-attention inputs ``[videos·F, N, C]`` for the frame attention ``mode``.
+
+    With a ``window`` the rows hold ``frames = window.count`` frames of a ``window.total``-frame video:
+    the anchor frame's and (sparse_causal) the previous window's last frame's keys/values come from
+    the window's ``AnchorCache`` under the layer ``key``, so the result equals the whole video's rows."""
     rows, tokens, _ = q.shape
-    if mode is FrameMode.NONE or frames == 1:
+    total = window.total if window is not None else frames
+    if mode is FrameMode.NONE or total == 1:
         return FrameAttentionInputs(q, k, v, rows, tokens, False)
     kf = rearrange(k, "(v f) n c -> v f n c", v=videos, f=frames)
     vf = rearrange(v, "(v f) n c -> v f n c", v=videos, f=frames)
     if mode in (FrameMode.FIRST_FRAME, FrameMode.MIDDLE_FRAME):
-        src = 0 if mode is FrameMode.FIRST_FRAME else middle_frame(frames)
+        src = anchor_frame(mode, total)
+        ka, va = (kf[:, src], vf[:, src]) if window is None else window.anchor_kv(key, kf, vf, src)
         qg = rearrange(q, "(v f) n c -> v (f n) c", v=videos, f=frames)
-        return FrameAttentionInputs(qg, kf[:, src], vf[:, src], rows, tokens, True)
+        return FrameAttentionInputs(qg, ka, va, rows, tokens, True)
     # sparse_causal: keys of frame 0 then of the previous frame, per frame.
-    prev = torch.clamp(torch.arange(frames, device=k.device) - 1, min=0)
-    k2 = torch.cat([kf[:, :1].expand(-1, frames, -1, -1), kf[:, prev]], dim=2)
-    v2 = torch.cat([vf[:, :1].expand(-1, frames, -1, -1), vf[:, prev]], dim=2)
+    if window is None:
+        prev = torch.clamp(torch.arange(frames, device=k.device) - 1, min=0)
+        k0, v0, kp, vp = kf[:, :1], vf[:, :1], kf[:, prev], vf[:, prev]
+    else:
+        k0, v0 = (t[:, None] for t in window.anchor_kv(key, kf, vf, 0))
+        kp, vp = window.previous_kv(key, kf, vf)
+    k2 = torch.cat([k0.expand(-1, frames, -1, -1), kp], dim=2)
+    v2 = torch.cat([v0.expand(-1, frames, -1, -1), vp], dim=2)
     return FrameAttentionInputs(q, rearrange(k2, "v f n c -> (v f) n c"), rearrange(v2, "v f n c -> (v f) n c"), rows, tokens, False)
 
 

@@ -47,17 +47,23 @@ class T2SSettings:
     the references' 3-D UNet does (``vp2p.video_norm``); ``frame`` keeps the image model's.
     ``frame_attention_min_channels``: blocks narrower than this keep plain per-frame
     self-attention (FateZero's ``least_sc_channel``: 640 in most of its configs, which leaves
-    SD1.x's 320-channel blocks alone); 0 gives every block frame attention."""
+    SD1.x's 320-channel blocks alone); 0 gives every block frame attention.
+    ``frames_per_chunk``: a host evaluates longer videos this many frames at a time
+    (``vp2p.frame_chunks``); 0: every frame in one call."""
 
     frame_attention: FrameMode = FrameMode.FIRST_FRAME
     temporal_attention: bool = True
     group_norm: NormScope = NormScope.VIDEO
     frame_attention_min_channels: int = 0
+    frames_per_chunk: int = 0
 
     def __post_init__(self) -> None:
         if self.frame_attention_min_channels < 0:
             raise SettingsError(f"frame_attention_min_channels={self.frame_attention_min_channels} must be ≥ 0 "
                                 "(0: frame attention in every block; FateZero: 640).")
+        if self.frames_per_chunk < 0:
+            raise SettingsError(f"frames_per_chunk={self.frames_per_chunk} must be ≥ 0 (0: every frame in one UNet call; "
+                                "8 or 16: long videos in bounded memory).")
 
     def frame_mode_for(self, width: int) -> FrameMode:
         """The frame attention of a transformer block ``width`` channels wide."""
@@ -68,6 +74,8 @@ class T2SSettings:
                 f"group_norm={self.group_norm.value}")
         if self.frame_attention_min_channels:
             text += f", frame_attention_min_channels={self.frame_attention_min_channels}"
+        if self.frames_per_chunk:
+            text += f", frames_per_chunk={self.frames_per_chunk}"
         return text
 
 
@@ -126,7 +134,7 @@ class AttentionPatch:
             return self.temporal[key](x, layout.videos, layout.frames)
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-            call = AttentionCall(TEMPORAL, key, heads, layout, self.frame_mode(key), extra_options, self.attention_fn)
+            call = AttentionCall(TEMPORAL, key, heads, layout, self.frame_mode(key), extra_options, self.attention_fn, run.window)
             return self._attend(call, controller, q, k, v, extra_options, None)
 
         return self.temporal[key](x, layout.videos, layout.frames, attend)
@@ -143,8 +151,10 @@ class AttentionPatch:
         run = self._run(extra_options)
         layout = BatchLayout.resolve(q.shape[0], extra_options.get("cond_or_uncond"), run.layout)
         mode = self.frame_mode(key) if kind == ATTN1 else FrameMode.NONE
-        inputs = frame_attention_inputs(q, k, v, layout.videos, layout.frames, mode)
-        call = AttentionCall(kind, key, heads, layout, mode if layout.frames > 1 else FrameMode.NONE, extra_options, self.attention_fn)
+        window = run.window
+        inputs = frame_attention_inputs(q, k, v, layout.videos, layout.frames, mode, window, key)
+        total = window.total if window is not None else layout.frames
+        call = AttentionCall(kind, key, heads, layout, mode if total > 1 else FrameMode.NONE, extra_options, self.attention_fn, window)
         return self._attend(call, run.controller, inputs.q, inputs.k, inputs.v, extra_options, inputs)
 
     def _attend(
