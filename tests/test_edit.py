@@ -273,7 +273,7 @@ class RecordingBlend(LocalBlend):
         super().__init__(*a, **kw)
         self.seen = []
 
-    def record(self, key, p_source, p_target):
+    def record(self, key, p_source, p_target, frames=None):
         self.seen.append((p_source.clone(), p_target.clone()))
         super().record(key, p_source, p_target)
 

@@ -30,6 +30,7 @@ from vp2p.keys import LayerKey
 from vp2p.layout import TARGET
 from vp2p.local_blend import LocalBlendSpec
 from vp2p.schedule import Schedule, sd_alphas_cumprod
+from vp2p.video_norm import NormScope
 
 pytestmark = pytest.mark.skipif(find_vocab_source() is None, reason="no CLIP vocabulary (pip install --no-deps open_clip_torch)")
 
@@ -53,18 +54,20 @@ class Host:
     """A tiny middle-frame T2S UNet, a video's DDIM inversion with a store, and the edit's inputs."""
 
     def __init__(self, unet, prompt, mode=FrameMode.MIDDLE_FRAME, fraction=1.0, max_tokens=DEFAULT_MAX_TOKENS, directory=None,
-                 in_memory=True, min_channels=0):
+                 in_memory=True, min_channels=0, frames=FRAMES, per_chunk=0, norm=NormScope.VIDEO):
         from vp2p.diffusers_host import DiffusersT2S
 
-        self.host = DiffusersT2S(unet, T2SSettings(mode, False, frame_attention_min_channels=min_channels)).install()
+        self.frames = frames
+        settings = T2SSettings(mode, False, norm, frame_attention_min_channels=min_channels, frames_per_chunk=per_chunk)
+        self.host = DiffusersT2S(unet, settings).install()
         self.den = self.host.denoiser(sd_alphas_cumprod())
         g = torch.Generator().manual_seed(3)
-        self.latents = torch.randn(1, 4, 8, 8, generator=g) + 0.5 * torch.randn(FRAMES, 4, 8, 8, generator=g)
+        self.latents = torch.randn(1, 4, 8, 8, generator=g) + 0.5 * torch.randn(frames, 4, 8, 8, generator=g)
         self.src = prompt("a cat running")
         self.cond = embed(self.src)
         self.empty = 0.1 * torch.randn(1, 77, DIM, generator=g)
         self.sched = Schedule.reference(STEPS)
-        spec = StoreSpec.for_fraction(STEPS, fraction, max_tokens, FRAMES, mode, "test", min_channels)
+        spec = StoreSpec.for_fraction(STEPS, fraction, max_tokens, frames, mode, "test", min_channels)
         self.store = AttentionStore(spec, directory, in_memory)
         self.calls = 0
         with torch.no_grad():
@@ -77,7 +80,7 @@ class Host:
 
         def den(x, sigma, cond, kinds=None, run=None):
             self.calls += 1
-            return self.den(x, sigma, cond, [COND], RunState(rec, LayoutSpec(FRAMES)))
+            return self.den(x, sigma, cond, [COND], RunState(rec, LayoutSpec(self.frames)))
 
         return den
 

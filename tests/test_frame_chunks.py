@@ -120,3 +120,79 @@ def test_chunked_gradients_equal_whole_gradients(unet):
         grads.append(c.grad)
     assert float((grads[0] - grads[1]).abs().max()) < 1e-6 * max(1.0, float(grads[0].abs().max())) * 100
     assert float(grads[0].abs().max()) > 0
+
+
+# -- the method's stages, chunked: the same results ------------------------------------------------------
+
+@pytest.mark.parametrize("mode", [FrameMode.MIDDLE_FRAME, FrameMode.SPARSE_CAUSAL, FrameMode.NONE])
+def test_fatezero_store_and_edit_chunked_equal_whole(unet, prompt, mode):
+    """The store recorded window by window holds what the whole recording holds, and the fused edit
+    (cross replace, masked self-attention from stored q/k, latent blend) reads it back window by window."""
+    from tests.test_fatezero import Host, fz_edit
+    from vp2p.fatezero import FateZeroLatentBlend
+    from vp2p.local_blend import LocalBlendSpec
+
+    runs = []
+    for per in (0, 2):  # one host at a time: both install on the same UNet
+        h = Host(unet, prompt, mode=mode, frames=5, per_chunk=per, norm=NormScope.FRAME)
+        try:
+            stored = {(s, n): h.store.get(s, n).float() for s in range(h.store.spec.stored_steps) for n in h.store.names(s)}
+            fz = fz_edit(prompt, cross=0.8, self_=0.8, words=("cat",), threshold=0.5)
+            fz.edit.blend = LocalBlendSpec(tuple(fz.edit.source.positions("cat")), tuple(fz.edit.target.positions("tiger")),
+                                           start=0.0, end=1.0)
+            lb = FateZeroLatentBlend(fz.edit.blend, 5, (8, 8), h.sched.steps)
+            res, ctl = h.edit(fz, blend=lb)
+            runs.append((h.store.spec, h.store.nbytes, stored, h.traj, res.edited, lb.last_mask, ctl.last_self_mask))
+        finally:
+            h.close()
+    (spec0, bytes0, st0, traj0, ed0, m0, sm0), (spec1, bytes1, st1, traj1, ed1, m1, sm1) = runs
+    assert spec0 == spec1 and bytes0 == bytes1 and sorted(st0) == sorted(st1)
+    for name, a in st0.items():
+        assert a.shape == st1[name].shape and float((a - st1[name]).abs().max()) < 2e-3, name
+    torch.testing.assert_close(traj0, traj1, atol=1e-4, rtol=0)
+    diff = float((ed0 - ed1).abs().max())
+    assert diff < 5e-4, diff
+    assert m0 is not None and torch.equal(m0, m1) and torch.equal(sm0, sm1)
+
+
+@pytest.mark.parametrize("mode", [FrameMode.FIRST_FRAME, FrameMode.SPARSE_CAUSAL])
+def test_p2p_edit_with_local_blend_chunked_equals_whole(unet, prompt, mode):
+    """Video-P2P's decoupled edit (null-text inversion, cross/self replace, LocalBlend) chunked by 2."""
+    from tests.test_edit import embed, make_edit
+    from vp2p.diffusers_host import DiffusersT2S
+    from vp2p.edit import EditInputs, Guidance, decoupled_edit
+    from vp2p.inversion import InversionSettings, ddim_invert, optimise_null_text
+    from vp2p.local_blend import LocalBlend, LocalBlendSpec
+    from vp2p.p2p import P2PController
+    from vp2p.schedule import Schedule, sd_alphas_cumprod
+
+    frames, steps = 5, 4
+    g = torch.Generator().manual_seed(5)
+    latents = torch.randn(1, 4, 8, 8, generator=g) + 0.3 * torch.randn(frames, 4, 8, 8, generator=g)
+    empty = 0.1 * torch.randn(1, 77, 32, generator=g)
+    out = []
+    for per in (0, 2):
+        host = DiffusersT2S(unet, T2SSettings(mode, True, NormScope.FRAME, frames_per_chunk=per)).install()
+        try:
+            den = host.denoiser(sd_alphas_cumprod())
+            src = prompt("a cat running")
+            cond = embed(src)
+            sched = Schedule.reference(steps)
+            with torch.no_grad():
+                traj = ddim_invert(den, latents, cond, sched)
+            res = optimise_null_text(den, traj, cond, empty, sched, InversionSettings(steps=steps, inner_steps=2))
+            edit = make_edit(prompt, cross_replace=0.5, self_replace=0.5)
+            spec = LocalBlendSpec(tuple(edit.source.positions("cat")), tuple(edit.target.positions("tiger")), start=0.0)
+            edit.blend = spec
+            blend = LocalBlend(spec, frames, (8, 8), steps)
+            inputs = EditInputs(traj[0], sched, cond, res.null_embeddings, empty, 7.5, res.source_path)
+            with torch.no_grad():
+                ed = decoupled_edit(den, inputs, edit.target_cond, 7.5, Guidance.DECOUPLED, P2PController(edit, sched, blend))
+            out.append((traj, res.null_embeddings, ed.edited, blend.last_mask))
+        finally:
+            host.remove()
+    (t0, n0, e0, m0), (t1, n1, e1, m1) = out
+    assert float((t0 - t1).abs().max()) < 1e-4
+    assert float((n0 - n1).abs().max()) < 1e-3
+    assert float((e0 - e1).abs().max()) < 1e-3, float((e0 - e1).abs().max())
+    assert m0 is not None and torch.equal(m0, m1)

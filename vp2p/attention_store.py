@@ -171,6 +171,22 @@ class AttentionStore:
         self.nbytes += t.numel() * t.element_size() - (0 if old is None else old.numel() * old.element_size())
         self._steps[step][name] = t
 
+    def put_part(self, step: int, name: str, part: torch.Tensor, shape: tuple[int, ...], dim: int, start: int) -> None:
+        """Write ``part`` into the tensor ``name`` of ``step`` (of full ``shape``) at ``start`` along ``dim``: a
+        chunked inversion records each window's frames; the tensor is allocated (zeros) on the first part."""
+        if self._recording is not None and step != self._recording:
+            self._flush(self._recording)
+        if step != self._recording:
+            self._recording = step
+            self.record_order.append(step)
+        tensors = self._steps.setdefault(step, {})
+        full = tensors.get(name)
+        if full is None or tuple(full.shape) != tuple(shape):
+            full = torch.zeros(shape, dtype=STORE_DTYPE)
+            self.nbytes += full.numel() * full.element_size()
+            tensors[name] = full
+        full.narrow(dim, start, part.shape[dim]).copy_(part.detach().to("cpu", STORE_DTYPE))
+
     def _flush(self, step: int) -> None:
         tensors = self._steps.get(step)
         if self.directory is None or not tensors:
@@ -304,12 +320,39 @@ class StoreRecorder(AttentionController):
             return None
         per = q.shape[0] // call.layout.videos
         rows = slice(video * per, (video + 1) * per)
+        if call.window is not None:
+            self._record_window(call, step, q[rows], k[rows])
+            return None
         if call.kind == ATTN1:
             self.store.put(step, entry(ATTN1, call.key, "q"), q[rows])
             self.store.put(step, entry(ATTN1, call.key, "k"), compact_keys(k[rows], call.frame_mode, call.layout.frames))
         else:
             self.store.put(step, entry(ATTN2, call.key, "p"), attention_probabilities(q[rows], k[rows], call.heads))
         return None
+
+    def _record_window(self, call: AttentionCall, step: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        """One window's part of the source video's tensors (q/k of the source video as the call regrouped
+        them), written where the whole video's recording would hold them."""
+        window, total, put = call.window, call.total_frames, self.store.put_part
+        start, count = window.start, window.count
+        if call.kind == ATTN2:
+            p = attention_probabilities(q, k, call.heads)  # [count, H, N, T]
+            put(step, entry(ATTN2, call.key, "p"), p, (total, *p.shape[1:]), 0, start)
+            return
+        mode = call.frame_mode
+        if mode in (FrameMode.FIRST_FRAME, FrameMode.MIDDLE_FRAME):  # q [1, count·N, C], k: the anchor's [1, N, C]
+            n = q.shape[1] // count
+            put(step, entry(ATTN1, call.key, "q"), q, (1, total * n, q.shape[2]), 1, start * n)
+            self.store.put(step, entry(ATTN1, call.key, "k"), k)
+            return
+        put(step, entry(ATTN1, call.key, "q"), q, (total, *q.shape[1:]), 0, start)
+        if mode is FrameMode.SPARSE_CAUSAL:  # k [count, 2N, C]: frame 0's keys, then frame g−1's for frame g
+            n = k.shape[1] // 2
+            first = 1 if start == 0 else 0  # frame 0 reads itself: no previous frame to keep
+            if count > first:
+                put(step, entry(ATTN1, call.key, "k"), k[first:, n:], (total - 1, n, k.shape[2]), 0, start + first - 1)
+        else:
+            put(step, entry(ATTN1, call.key, "k"), k, (total, *k.shape[1:]), 0, start)
 
 
 def store_nbytes(frames: int, layers: list[tuple[int, int, int]], frame_mode: FrameMode, context: int, stored_steps: int,

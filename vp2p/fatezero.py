@@ -37,7 +37,7 @@ from .attention import apply_probabilities, attention_probabilities
 from .attention_store import AttentionStore, AttentionStoreError, entry, parse_entry
 from .control import ATTN1, ATTN2, AttentionCall, AttentionController, VideoOutputs
 from .errors import SettingsError, parse_option
-from .frame_attention import FrameMode, expand_keys
+from .frame_attention import FrameMode, window_keys
 from .layout import COND, TARGET
 from .local_blend import LocalBlendSpec, WordMaps, blend_factor, grid_of, normalised_maps
 from .p2p import P2PEdit
@@ -195,7 +195,7 @@ class FateZeroController(AttentionController):
         record = self.blend is not None and self.blend.records(step) and self.blend.wants(call.key, tokens)
         if not cross and not record:
             return None
-        p_src = self.store.get(step, entry(ATTN2, call.key, "p")).to(q.device, torch.float32)
+        p_src = self.store.get(step, entry(ATTN2, call.key, "p"))[call.frame_slice].to(q.device, torch.float32)
         want = (q.shape[0], call.heads, q.shape[1], k.shape[1])
         if tuple(p_src.shape) != want:
             raise AttentionStoreError(
@@ -206,7 +206,7 @@ class FateZeroController(AttentionController):
         whole = cross and self.fz.edit.kind is EditKind.REPLACE and bool(self.alpha[step].all())
         p_tgt = p_src if whole and not record else attention_probabilities(q, k, call.heads)
         if record:
-            self.blend.record(call.key, p_src, p_tgt)
+            self.blend.record(call.key, p_src, p_tgt, call.frame_slice)
         if not cross:
             return None  # recorded for the latent blend only: the target keeps its own attention
         return apply_probabilities(self.fz.edit.edit_cross(p_src, p_tgt, self.alpha[step]), v, call.heads)
@@ -216,7 +216,7 @@ class FateZeroController(AttentionController):
               v: torch.Tensor) -> Optional[torch.Tensor]:
         if step >= self.self_until:
             return None
-        mask = self.self_mask(step, tokens) if self.fz.mask_positions else None  # [F, N] True: the edit's own
+        mask = self.self_mask(step, tokens)[call.frame_slice] if self.fz.mask_positions else None  # [F', N] True: the edit's own
         if mask is not None and bool(mask.all()):
             return None  # the edit keeps all of its own attention
         # The layer's own frame attention (the store's mode, or none in a block narrower than
@@ -226,8 +226,13 @@ class FateZeroController(AttentionController):
                 f"The attention store was recorded with {self.frame_mode.value} frame attention, but layer {call.key} of this "
                 f"MODEL uses {call.frame_mode.value}. Edit with the MODEL the video was inverted with, or invert again."
             )
-        q_src = self.store.get(step, entry(ATTN1, call.key, "q")).to(q)
-        k_src = expand_keys(self.store.get(step, entry(ATTN1, call.key, "k")).to(k), call.frame_mode, call.layout.frames)
+        q_src = self.store.get(step, entry(ATTN1, call.key, "q"))
+        frames = call.frame_slice
+        if call.window is not None:  # this call holds a window of the video's frames: its queries only
+            grouped = call.frame_mode in (FrameMode.FIRST_FRAME, FrameMode.MIDDLE_FRAME)  # stored as [1, F·N, C]
+            q_src = q_src[:, frames.start * tokens:frames.stop * tokens] if grouped else q_src[frames]
+        q_src = q_src.to(q)
+        k_src = window_keys(self.store.get(step, entry(ATTN1, call.key, "k")), call.frame_mode, call.total_frames, frames).to(k)
         if q_src.shape != q.shape or k_src.shape != k.shape:
             raise AttentionStoreError(
                 f"The stored self-attention of layer {call.key} does not fit this edit (queries {list(q_src.shape)} vs "

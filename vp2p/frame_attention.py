@@ -215,3 +215,14 @@ def expand_keys(compact: torch.Tensor, mode: FrameMode, frames: int) -> torch.Te
         previous = torch.cat([compact[:1], compact])  # frame f reads frame max(f−1, 0)
         return torch.cat([compact[:1].expand(frames, -1, -1), previous], dim=1)
     return compact
+
+
+def window_keys(compact: torch.Tensor, mode: FrameMode, frames: int, window: slice) -> torch.Tensor:
+    """The regrouped keys of one video's frames ``window`` (of ``frames``) from its compact keys
+    ``[key_frames, N, C]``: ``expand_keys(compact)`` restricted to the window, built for the window only."""
+    if mode is FrameMode.SPARSE_CAUSAL and frames > 1:
+        prev = torch.clamp(torch.arange(window.start, window.stop, device=compact.device) - 1, min=0)
+        return torch.cat([compact[:1].expand(len(prev), -1, -1), compact[prev]], dim=1)
+    if mode is FrameMode.NONE or frames == 1:
+        return compact[window]
+    return compact

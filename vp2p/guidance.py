@@ -73,6 +73,7 @@ class WordMapRecorder(AttentionController):
     factors: tuple[int, ...] = (4, 8)
     include_middle: bool = True
     maps: dict[LayerKey, torch.Tensor] = field(default_factory=dict)
+    _windows: dict[LayerKey, dict[int, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def _grid(self, call: AttentionCall, tokens: int) -> Optional[tuple[int, int]]:
         if call.kind != ATTN2:
@@ -100,7 +101,15 @@ class WordMapRecorder(AttentionController):
             words.append(probs[..., list(self.positions)].mean(-1).mean(1))  # [F, N]
             outputs[video] = apply_probabilities(probs, v[rows], call.heads)
         word = torch.cat(words)
-        self.maps[call.key] = word.reshape(word.shape[0], *grid)
+        word = word.reshape(word.shape[0], *grid)
+        if call.window is None:
+            self.maps[call.key] = word
+            return outputs
+        # a window of a chunked evaluation: the video's frames in order, window by window, every video's
+        parts = self._windows.setdefault(call.key, {})
+        parts[call.window.start] = word.reshape(len(videos), call.window.count, *grid)
+        ordered = [parts[s] for s in sorted(parts)]
+        self.maps[call.key] = torch.cat(ordered, dim=1).reshape(-1, *grid)
         return outputs
 
 
@@ -112,10 +121,12 @@ def guided_update(x: torch.Tensor, sigma: float, masks: torch.Tensor, eta: float
     if eta == 0:
         return x, float("nan")
     recorder.maps.clear()
+    recorder._windows.clear()
     with torch.enable_grad():
         x_in = x.detach().clone().requires_grad_(True)
         evaluate(x_in, recorder)
         e = energy(recorder.maps, masks, sharpness)
         (grad,) = torch.autograd.grad(e, x_in)
     recorder.maps.clear()
+    recorder._windows.clear()
     return (x - eta * sigma**2 * (1 + sigma**2) * grad.to(x.dtype)).detach(), float(e.detach())

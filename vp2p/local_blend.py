@@ -76,7 +76,7 @@ class WordMaps:
         self.latent_hw = latent_hw
         self.steps = steps
         self.factor: Optional[int] = None  # chosen after the first step
-        self._current: dict[int, list[torch.Tensor]] = {}  # factor -> per-layer maps [2, F, h, w] of this step
+        self._current: dict[int, dict[LayerKey, torch.Tensor]] = {}  # factor -> layer -> maps [2, F, h, w] of this step
         self.last_mask: Optional[torch.Tensor] = None  # [F, 1, H, W] bool, for tests and previews
 
     def wants(self, key: LayerKey, tokens: int) -> bool:
@@ -86,15 +86,23 @@ class WordMaps:
         g = grid_of(tokens, self.latent_hw)
         return g is not None and (self.factor is None or g[0] == self.factor)
 
-    def record(self, key: LayerKey, p_source: torch.Tensor, p_target: torch.Tensor) -> None:
-        """p_*: [F, H, N, T] fp32 probabilities of the conditional rows of each prompt."""
+    def record(self, key: LayerKey, p_source: torch.Tensor, p_target: torch.Tensor, frames: Optional[slice] = None) -> None:
+        """p_*: [F', H, N, T] fp32 probabilities of the conditional rows of each prompt, for the video's
+        ``frames`` (a window of a chunked evaluation; default: all F frames)."""
         g = grid_of(p_source.shape[2], self.latent_hw)
         if g is None:
             return
         factor, h, w = g
-        maps = [p[..., list(pos)].sum(-1).mean(1).reshape(self.frames, h, w)  # [F, h, w]
-                for p, pos in ((p_source, self.spec.source_positions), (p_target, self.spec.target_positions))]
-        self._current.setdefault(factor, []).append(torch.stack(maps))
+        count = p_source.shape[0]
+        maps = torch.stack([p[..., list(pos)].sum(-1).mean(1).reshape(count, h, w)  # [F', h, w]
+                            for p, pos in ((p_source, self.spec.source_positions), (p_target, self.spec.target_positions))])
+        layers = self._current.setdefault(factor, {})
+        if frames is None or count == self.frames:
+            layers[key] = maps
+            return
+        if key not in layers:
+            layers[key] = maps.new_zeros(2, self.frames, h, w)
+        layers[key][:, frames] = maps
 
     def applies(self, step: int) -> bool:
         """Whether the latents are blended after ``step`` (a subclass's window)."""
@@ -121,7 +129,7 @@ class WordMaps:
             return None
         if self.factor is None:
             self.factor = blend_factor(list(self._current))
-        layer_maps = self._current.get(self.factor, [])
+        layer_maps = list(self._current.get(self.factor, {}).values())
         self._current = {}
         return torch.stack(layer_maps).mean(0) if layer_maps else None
 

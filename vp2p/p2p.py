@@ -178,7 +178,7 @@ class P2PController(AttentionController):
             if record:
                 # The target's maps *after* the edit, as the reference's LocalBlend reads them (it stores
                 # the maps it then edits in place).
-                self.blend.record(call.key, p_src, edited)
+                self.blend.record(call.key, p_src, edited, call.frame_slice)
             return {tgt: apply_probabilities(edited, v[rt], call.heads)} if cross else None
         if step >= self.self_until or not self._self_applies(call, q):
             return None
