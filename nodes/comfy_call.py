@@ -251,13 +251,16 @@ class _StageSampler(comfy.samplers.Sampler):
         return latent_image
 
 
-def estimate_memory_for(model_options: dict, rows: int) -> None:
+def estimate_memory_for(model_options: dict, rows: int, frames_per_chunk: int = 0) -> None:
     """Make ComfyUI's model loading estimate memory for ``rows`` UNet rows at once (a ``PREPARE_SAMPLING``
     wrapper in ``model_options``): its own estimate assumes cond + uncond of one latent batch, while a
-    stage runs its own row count (the edit: uncond and cond of two branches)."""
+    stage runs its own row count (the edit: uncond and cond of two branches). With ``frames_per_chunk`` a
+    video of F frames (the latent's batch) runs in windows: rows × chunk / F at once."""
 
     def memory(executor: Any, model: Any, noise_shape: Any, conds: Any, *args: Any, **kwargs: Any) -> Any:
-        shape = [max(1, (rows + 1) // 2)] + list(noise_shape[1:])  # prepare_sampling estimates for 2 × the batch
+        frames = int(noise_shape[0])
+        now = -(-rows * frames_per_chunk // frames) if 0 < frames_per_chunk < frames else rows
+        shape = [max(1, (now + 1) // 2)] + list(noise_shape[1:])  # prepare_sampling estimates for 2 × the batch
         return executor(model, shape, conds, *args, **kwargs)
 
     comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, MEMORY_WRAPPER_KEY, memory,
@@ -269,9 +272,13 @@ class StageGuider(comfy.samplers.CFGGuider):
     stage runs at once (× ``backward_factor`` when it runs backward passes), for ComfyUI's memory estimate."""
 
     def __init__(self, model_patcher: Any, memory_rows: int, backward_factor: float = 1.0) -> None:
+        from .comfy_host import get_state
+
         super().__init__(model_patcher)
         self.model_options = comfy.model_patcher.create_model_options_clone(model_patcher.model_options)
-        estimate_memory_for(self.model_options, max(1, int(round(memory_rows * backward_factor))))
+        state = get_state(model_patcher)
+        estimate_memory_for(self.model_options, max(1, int(round(memory_rows * backward_factor))),
+                            state.settings.frames_per_chunk if state is not None else 0)
 
 
 def run_stage(model_patcher: Any, conds: dict[str, list], latent: torch.Tensor, sigmas: torch.Tensor, loop: Callable[[Stage], T],
@@ -282,6 +289,13 @@ def run_stage(model_patcher: Any, conds: dict[str, list], latent: torch.Tensor, 
     from .comfy_host import with_pack_patch
 
     check_pooled(model_patcher, conds, node)
+    if model_patcher.model_options.get("context_handler") is not None:
+        raise SettingsError(
+            f"{node}: the MODEL carries core's context windows (a Context Windows node), which cut a latent batch into "
+            "windows of frames. This stage's UNet calls hold several videos (source and target branches, cond and uncond) "
+            "in one batch, which those windows would mix up. For long videos set frames_per_chunk on Inflate to T2S "
+            "instead (exact frame attention, bounded memory), and leave the Context Windows node out of this branch "
+            "of the graph.")
     guider = StageGuider(with_pack_patch(model_patcher), memory_rows, backward_factor)
     guider.inner_set_conds({k: v for k, v in conds.items() if v is not None})
     sampler = _StageSampler(loop)

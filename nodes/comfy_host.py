@@ -26,7 +26,11 @@ import torch
 
 from ..vp2p import AttentionPatch, LayerKey, SettingsError, T2SSettings, TemporalBank, UnsupportedModelError, is_vp2p_patch
 from ..vp2p.attention import sdpa
+from ..vp2p.control import RUN_STATE_KEY, RunState
+from ..vp2p.frame_attention import FrameMode, FrameWindow
+from ..vp2p.frame_chunks import evaluate_in_windows, should_chunk, take_rows, window_run
 from ..vp2p.keys import comfy_transformer_keys
+from ..vp2p.layout import BatchLayout
 from ..vp2p.temporal import BlockShape
 from ..vp2p.video_norm import NormScope, VideoNorm, video_norm_paths
 
@@ -36,6 +40,7 @@ STATE_KEY = "vp2p_t2s"
 TEMPORAL_INJECTION_KEY = "vp2p_temporal"
 NORM_INJECTION_KEY = "vp2p_video_norm"
 NORM_WRAPPER_KEY = "vp2p_video_norm"
+CHUNK_WRAPPER_KEY = "vp2p_frame_chunks"
 
 
 def comfy_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: Optional[dict] = None) -> torch.Tensor:
@@ -252,6 +257,35 @@ def _norm_wrapper(video_norm: VideoNorm) -> Callable:
     return wrapper
 
 
+def _chunk_wrapper(per_chunk: int, mode: FrameMode) -> Callable:
+    """An ``APPLY_MODEL`` wrapper that evaluates a call's videos ``per_chunk`` frames at a time
+    (``vp2p.frame_chunks``): every per-row input (latent, timestep, text, ControlNet residuals, the
+    model's extra conds such as SDXL's ``y``) is cut to the window's rows and each window runs through
+    the rest of the model's wrappers and the UNet with its own run state, the windows of one call
+    sharing the anchor frame's keys/values. The conds were processed for the whole batch by ComfyUI."""
+
+    def wrapper(executor: Any, x: torch.Tensor, t: torch.Tensor, c_concat: Any = None, c_crossattn: Any = None, control: Any = None,
+                transformer_options: Optional[dict] = None, **kwargs: Any) -> torch.Tensor:
+        options = transformer_options if transformer_options is not None else {}
+        run = options.get(RUN_STATE_KEY)
+        run = run if isinstance(run, RunState) else None
+        layout = BatchLayout.resolve(x.shape[0], options.get("cond_or_uncond"), run.layout if run is not None else None)
+        if not should_chunk(run, layout.frames, per_chunk):
+            return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        rows = x.shape[0]
+
+        def evaluate(index: torch.Tensor, window: FrameWindow) -> torch.Tensor:
+            window_options = dict(options)
+            window_options[RUN_STATE_KEY] = window_run(run, window)
+            window_options["sigmas"] = take_rows(options.get("sigmas"), index, rows)
+            return executor(x[index], take_rows(t, index, rows), take_rows(c_concat, index, rows), take_rows(c_crossattn, index, rows),
+                            take_rows(control, index, rows), window_options, **take_rows(kwargs, index, rows))
+
+        return evaluate_in_windows(evaluate, layout.videos, layout.frames, per_chunk, mode, x.device)
+
+    return wrapper
+
+
 def _fresh_clone(parent: Any, clone: Any) -> None:
     clone.is_injected = False
 
@@ -328,6 +362,13 @@ def install(clone: Any, settings: T2SSettings, bank: Optional[TemporalBank], blo
         # call made with this MODEL's transformer options carries it, the pack's own loops included.
         comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, NORM_WRAPPER_KEY,
                                                      _norm_wrapper(video_norm), clone.model_options, is_model_options=True)
+    wrappers.get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {}).pop(CHUNK_WRAPPER_KEY, None)
+    if settings.frames_per_chunk:
+        # Outside the UNet (APPLY_MODEL): each window then passes the DIFFUSION_MODEL wrappers (the video
+        # GroupNorm) with its own layout.
+        comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, CHUNK_WRAPPER_KEY,
+                                                     _chunk_wrapper(settings.frames_per_chunk, settings.frame_attention),
+                                                     clone.model_options, is_model_options=True)
     clone.set_attachments(STATE_KEY, T2SState(settings, patch, blocks, video_norm))
     return clone
 
@@ -369,6 +410,6 @@ def options_cacheable(model: Any) -> bool:
             if not is_vp2p_patch(fn) or fn.__self__.previous:
                 return False
     for by_key in to.get("wrappers", {}).values():
-        if any(fns for key, fns in by_key.items() if key != NORM_WRAPPER_KEY):
+        if any(fns for key, fns in by_key.items() if key not in (NORM_WRAPPER_KEY, CHUNK_WRAPPER_KEY)):
             return False
     return True

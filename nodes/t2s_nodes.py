@@ -46,13 +46,19 @@ class InflateT2S(io.ComfyNode):
                                tooltip="video: the ResNet blocks' GroupNorms take their statistics over all frames of the video "
                                        "together, as the 3-D UNet of Tune-A-Video, Video-P2P and FateZero does (what their "
                                        "results were made with). frame: each frame on its own, as the image model."),
+                io.Int.Input("frames_per_chunk", default=0, min=0, max=4096, step=1, optional=True,
+                             tooltip="Long videos: run the UNet on this many frames at a time (every stage of the pack and "
+                                     "stock samplers). 0: all frames in one call. Frame attention stays exact (the anchor "
+                                     "frame's keys/values are shared by every chunk); the temporal layers (once tuned) attend "
+                                     "within a chunk, and group_norm=video pools a chunk's frames, which changes results "
+                                     "slightly. Memory then grows with the chunk, not the clip. 8–16 suits 512² on 12–24 GB."),
             ],
             outputs=[io.Model.Output(tooltip="The inflated MODEL: a latent batch of F frames is sampled as one video.")],
         )
 
     @classmethod
     def execute(cls, model, frame_attention: str, temporal_attention: bool, frame_attention_min_channels: int = 0,
-                group_norm: str = NormScope.VIDEO.value) -> io.NodeOutput:
+                group_norm: str = NormScope.VIDEO.value, frames_per_chunk: int = 0) -> io.NodeOutput:
         settings = T2SSettings(FrameMode.parse(frame_attention), bool(temporal_attention), NormScope.parse(group_norm),
-                               int(frame_attention_min_channels))
+                               int(frame_attention_min_channels), int(frames_per_chunk))
         return io.NodeOutput(inflate(model, settings))
