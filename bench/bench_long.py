@@ -1,0 +1,149 @@
+"""Long videos in frame chunks: peak memory and time of the edit at 8, 32 and 128 frames, and what
+chunking changes (max difference to the whole clip, per frame mode).
+
+CPU, the tiny random UNet of the tests on the diffusers host (T2S: first_frame, temporal layers, video
+GroupNorm), latents of ``--size``² and ``--steps`` DDIM steps. Each (frames, chunk) runs in its own process:
+the DDIM inversion first, then the peak resident memory is reset (``/proc/self/clear_refs``) and a P2P
+edit (word swap, cross/self replace 0.4, LocalBlend; the source branch walked beside the target: 4 videos
+per UNet call) is timed; reported: its peak RSS above the RSS before it, and its wall time.
+
+    python bench/bench_long.py [--size 32] [--steps 4] [--chunk 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _setup(frames: int, size: int, steps: int, settings):
+    import torch
+
+    from tests.helpers import tiny_unet
+    from vp2p.clip_vocab import clip_tokenizer
+    from vp2p.diffusers_host import DiffusersT2S
+    from vp2p.inversion import ddim_invert
+    from vp2p.local_blend import LocalBlendSpec
+    from vp2p.p2p import P2PEdit
+    from vp2p.prompt_align import EditKind, hf_encoder, tokenize_prompt
+    from vp2p.schedule import Schedule, sd_alphas_cumprod
+
+    unet = tiny_unet(seed=0, sample_size=size)
+    enc = hf_encoder(clip_tokenizer())
+    src, tgt = tokenize_prompt("a cat is running on the grass", enc, 77), tokenize_prompt("a tiger is running on the grass", enc, 77)
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(50000, 32, generator=g)
+
+    def embed(p):
+        return table[[49406, *p.ids, 49407] + [49407] * (77 - p.end - 1)].unsqueeze(0)
+
+    latents = torch.randn(1, 4, size, size, generator=g) + 0.3 * torch.randn(frames, 4, size, size, generator=g)
+    empty = 0.1 * torch.randn(1, 77, 32, generator=g)
+    host = DiffusersT2S(unet, settings).install()
+    den = host.denoiser(sd_alphas_cumprod())
+    sched = Schedule.reference(steps)
+    cond = embed(src)
+    with torch.no_grad():
+        traj = ddim_invert(den, latents, cond, sched)
+    spec = LocalBlendSpec(tuple(src.positions("cat")), tuple(tgt.positions("tiger")), start=0.0)
+    edit = P2PEdit(src, tgt, cond, embed(tgt), EditKind.REPLACE, cross_replace=0.4, self_replace=0.4, blend=spec)
+    return host, den, traj, cond, empty, sched, edit
+
+
+def _edit(den, traj, cond, empty, sched, edit, frames: int, size: int):
+    import torch
+
+    from vp2p.edit import EditInputs, Guidance, decoupled_edit
+    from vp2p.local_blend import LocalBlend
+    from vp2p.p2p import P2PController
+
+    # the inversion's first null embedding for every step: a guided source branch walked beside the target
+    nulls = empty.expand(sched.steps, -1, -1).unsqueeze(1).clone()
+    inputs = EditInputs(traj[0], sched, cond, nulls, empty, 7.5, None)
+    blend = LocalBlend(edit.blend, frames, (size, size), sched.steps)
+    with torch.no_grad():
+        return decoupled_edit(den, inputs, edit.target_cond, 7.5, Guidance.DECOUPLED, P2PController(edit, sched, blend), reuse=False)
+
+
+def one(frames: int, chunk: int, size: int, steps: int) -> dict:
+    """Worker: one (frames, chunk) in this process."""
+    from vp2p import FrameMode, T2SSettings
+
+    _, den, traj, cond, empty, sched, edit = _setup(frames, size, steps, T2SSettings(FrameMode.FIRST_FRAME, True, frames_per_chunk=chunk))
+    before = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+    t0 = time.perf_counter()
+    res = _edit(den, traj, cond, empty, sched, edit, frames, size)
+    seconds = time.perf_counter() - t0
+    peak = _status_kb("VmHWM")
+    return {"frames": frames, "frames_per_chunk": chunk, "edit_s": round(seconds, 2), "edit_peak_rss_mb": round((peak - before) / 1024, 1),
+            "rows_per_step": max(res.rows), "rows_per_unet_call": 4 * min(chunk or frames, frames), "finite": bool(res.edited.isfinite().all())}
+
+
+def differences(size: int, steps: int, frames: int, chunk: int) -> list[dict]:
+    """Chunked vs whole, max |difference| of the edited latents (and relative to their max), per frame mode;
+    exact settings (group_norm=frame, untuned temporal layers) and the two that chunks change."""
+    import torch
+
+    from tests.helpers import randomise_temporal
+    from vp2p import FrameMode, T2SSettings
+    from vp2p.video_norm import NormScope
+
+    rows = []
+    cases = [(mode, NormScope.FRAME, False) for mode in FrameMode] + [(FrameMode.FIRST_FRAME, NormScope.VIDEO, False),
+                                                                     (FrameMode.FIRST_FRAME, NormScope.FRAME, True)]
+    for mode, norm, tuned in cases:
+        out = []
+        bank = None
+        for per in (0, chunk):
+            host, den, traj, cond, empty, sched, edit = _setup(frames, size, steps, T2SSettings(mode, True, norm, frames_per_chunk=per))
+            if tuned:
+                if bank is None:
+                    bank = randomise_temporal(host.bank, 7).state_dict()
+                host.bank.load_state_dict(bank)
+                with torch.no_grad():  # the inversion again, with the tuned layers
+                    from vp2p.inversion import ddim_invert
+                    traj = ddim_invert(den, traj[-1] / (1 + sched.sigmas[-1] ** 2) ** 0.5, cond, sched)
+            out.append(_edit(den, traj, cond, empty, sched, edit, frames, size).edited)
+            host.remove()
+        diff = float((out[0] - out[1]).abs().max())
+        rows.append({"frame_attention": mode.value, "group_norm": norm.value, "temporal": "tuned (random)" if tuned else "untuned",
+                     "frames": frames, "frames_per_chunk": chunk, "max_abs_diff": diff,
+                     "relative": diff / float(out[0].abs().max())})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=32, help="latent size (pixels / 8)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--chunk", type=int, default=8)
+    ap.add_argument("--one", nargs=2, type=int, metavar=("FRAMES", "CHUNK"))
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one[0], args.one[1], args.size, args.steps)))
+        return
+    runs = [(8, args.chunk), (32, args.chunk), (128, args.chunk), (8, 0), (32, 0)]
+    for frames, chunk in runs:
+        cmd = [sys.executable, __file__, "--size", str(args.size), "--steps", str(args.steps), "--one", str(frames), str(chunk)]
+        print(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip(), flush=True)
+    for row in differences(args.size // 2, args.steps, 16, 4):
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
