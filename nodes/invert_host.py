@@ -36,7 +36,17 @@ import comfy.model_management
 import torch
 
 from ..vp2p import LayoutSpec, RunState, SettingsError
-from ..vp2p.attention_store import AttentionStore, AttentionStoreError, StoreLocation, StoreRecorder, StoreSpec, cond_digest, record_missing_steps, store_nbytes
+from ..vp2p.attention_store import (
+    AttentionStore,
+    AttentionStoreError,
+    StoreLocation,
+    StoreRecorder,
+    StoreSpec,
+    auto_location,
+    cond_digest,
+    record_missing_steps,
+    store_nbytes,
+)
 from ..vp2p.cache_budget import touch
 from ..vp2p.disk_cache import load_or_compute
 from ..vp2p.fingerprint import fingerprint
@@ -217,6 +227,12 @@ def invert_cached(model: Any, positive: list, negative: list, samples: torch.Ten
     path = None if cache is None else cache / f"inversion_{key[:40]}.safetensors"
     if key is None:  # a disk store still needs a folder of its own, never another inversion's
         key = f"uncached-{uuid.uuid4().hex}"
+    if store_spec_ is not None and store_location is StoreLocation.AUTO:
+        context = conditioning_tensor(positive, samples.shape[0], "positive", NODE).shape[1]
+        need = predicted_store_bytes(model, store_spec_, tuple(samples.shape[-2:]), context)
+        store_location = auto_location(need)
+        log.info("%s: store_location auto: the store will take %.3f GB, so it is kept %s.", NODE, need / 1e9,
+                 "on disk" if store_location is StoreLocation.DISK else "in RAM")
     store, recording, on_disk = None, None, store_location is StoreLocation.DISK
     if store_spec_ is not None:
         root = cache if cache is not None else (store_root if on_disk else None)

@@ -82,9 +82,11 @@ class NullTextInvert(io.ComfyNode):
                 io.Int.Input("store_max_tokens", default=1024, min=1, max=1 << 20, optional=True,
                              tooltip="Store the layers with at most this many tokens per frame (FateZero: 32×32 = 1024, i.e. "
                                      "all but the finest layers at 512²). Fusion acts on exactly the stored layers."),
-                io.Combo.Input("store_location", options=[s_.value for s_ in StoreLocation], default=StoreLocation.CPU.value,
+                io.Combo.Input("store_location", options=[s_.value for s_ in StoreLocation], default=StoreLocation.AUTO.value,
                                optional=True,
-                               tooltip="cpu: the store is kept in RAM only (fastest edits; nothing is written to disk). "
+                               tooltip="auto: disk when the store's predicted size (logged before recording) is above 4 GB "
+                                       "(VP2P_STORE_DISK_ABOVE_GB), else cpu — long clips go to disk. "
+                                       "cpu: the store is kept in RAM only (fastest edits; nothing is written to disk). "
                                        "disk: one file per step under models/vp2p/cache, read back one step at a time while "
                                        "editing (RAM stays at one step); it counts toward the cache's size limit."),
             ],
@@ -100,7 +102,7 @@ class NullTextInvert(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent, steps: int, cfg: float, mode: str, inner_steps: int,
                 early_stop: float, store_attention: bool, use_cache: bool = True, store_steps: float = 0.8,
-                store_max_tokens: int = 1024, store_location: str = "cpu") -> io.NodeOutput:
+                store_max_tokens: int = 1024, store_location: str = "auto") -> io.NodeOutput:
         import comfy.utils
 
         from .invert_host import invert_cached, store_spec

@@ -196,3 +196,15 @@ def test_p2p_edit_with_local_blend_chunked_equals_whole(unet, prompt, mode):
     assert float((n0 - n1).abs().max()) < 1e-3
     assert float((e0 - e1).abs().max()) < 1e-3, float((e0 - e1).abs().max())
     assert m0 is not None and torch.equal(m0, m1)
+
+
+def test_auto_store_location_goes_to_disk_above_its_size(monkeypatch):
+    from vp2p.attention_store import AttentionStoreError, StoreLocation, auto_location
+
+    assert auto_location(3_000_000_000) is StoreLocation.CPU and auto_location(5_000_000_000) is StoreLocation.DISK  # 4 GB
+    assert auto_location(2_000, above_gb=1e-6) is StoreLocation.DISK
+    monkeypatch.setenv("VP2P_STORE_DISK_ABOVE_GB", "0.5")
+    assert auto_location(600_000_000) is StoreLocation.DISK and auto_location(400_000_000) is StoreLocation.CPU
+    monkeypatch.setenv("VP2P_STORE_DISK_ABOVE_GB", "lots")
+    with pytest.raises(AttentionStoreError, match="VP2P_STORE_DISK_ABOVE_GB='lots'"):
+        auto_location(1)

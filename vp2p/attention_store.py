@@ -58,6 +58,7 @@ class AttentionStoreError(VP2PError):
 
 
 class StoreLocation(str, Enum):
+    AUTO = "auto"  # disk above a predicted size (``auto_location``), else cpu
     CPU = "cpu"
     DISK = "disk"
 
@@ -108,6 +109,22 @@ class StoreSpec:
             return cls(**json.loads(text))
         except (TypeError, ValueError) as e:
             raise AttentionStoreError(f"An attention store description is unreadable ({e}); the store is damaged.") from e
+
+
+AUTO_DISK_ABOVE_GB = 4.0  # an ``auto`` store larger than this goes to disk (VP2P_STORE_DISK_ABOVE_GB overrides)
+
+
+def auto_location(predicted_bytes: int, above_gb: Optional[float] = None) -> StoreLocation:
+    """Where an ``auto`` store goes: on disk (streamed back one step at a time) when its predicted size is above
+    ``above_gb`` (default: ``VP2P_STORE_DISK_ABOVE_GB``, else 4 GB, ~5 SD1.5 frames at 512² and FateZero's
+    settings), in RAM otherwise."""
+    if above_gb is None:
+        text = os.environ.get("VP2P_STORE_DISK_ABOVE_GB", "")
+        try:
+            above_gb = float(text) if text else AUTO_DISK_ABOVE_GB
+        except ValueError:
+            raise AttentionStoreError(f"VP2P_STORE_DISK_ABOVE_GB={text!r} is not a number of GB (e.g. 4 or 0.5).") from None
+    return StoreLocation.DISK if predicted_bytes > above_gb * 1e9 else StoreLocation.CPU
 
 
 def cond_digest(cond: torch.Tensor) -> str:

@@ -57,7 +57,7 @@ def unet_rows(model):
         handle.remove()
 
 
-def run_stages(pack, model, clip, latents, mode="ddim_only", inner_steps=0, steps=2):
+def run_stages(pack, model, clip, latents, mode="ddim_only", inner_steps=0, steps=2, store_location="cpu", keep=None):
     """Invert (with FateZero's store), a P2P edit with a LocalBlend (decoupled guidance), a FateZero edit with its
     latent blend; returns (noise, P2P edited, FateZero edited)."""
     reg = nodes_of(pack)
@@ -65,7 +65,9 @@ def run_stages(pack, model, clip, latents, mode="ddim_only", inner_steps=0, step
         inv, noise = reg["VP2P_NullTextInvert"].execute(
             model=model, positive=encode(clip, SOURCE), negative=encode(clip, ""), latent={"samples": latents}, steps=steps,
             cfg=7.5, mode=mode, inner_steps=inner_steps, early_stop=0.0, store_attention=True, use_cache=False,
-            store_steps=1.0).result
+            store_steps=1.0, store_location=store_location).result
+        if keep is not None:
+            keep.append(inv)
         p2p = reg["VP2P_P2PController"].execute(
             clip=clip, source_prompt=SOURCE, target_prompt=TARGET, edit="auto", cross_replace=0.5, self_replace=0.5,
             blend_source_words="cat", blend_target_words="tiger", blend_threshold=0.5, reweight="").result[0]
@@ -143,7 +145,7 @@ def test_core_context_windows_are_refused_by_the_packs_stages(pack, base, clip):
         run_stages(pack, windowed, clip, video(6))
 
 
-def test_a_128_frame_clip_through_tune_invert_p2p_and_fatezero_a_chunk_at_a_time(pack, base, clip):
+def test_a_128_frame_clip_through_tune_invert_p2p_and_fatezero_a_chunk_at_a_time(pack, base, clip, monkeypatch):
     frames, per_chunk = 128, 8
     latents = video(frames, seed=4)
     model = inflate(pack, base, "first_frame", per_chunk)
@@ -152,8 +154,21 @@ def test_a_128_frame_clip_through_tune_invert_p2p_and_fatezero_a_chunk_at_a_time
         tuned = reg["VP2P_TuneOnVideo"].execute(model=model, positive=encode(clip, SOURCE), latent={"samples": latents}, steps=1,
                                                 learning_rate=1e-4, seed=0, use_cache=False, frames_per_step=per_chunk).result[0]
     assert max(rows) <= per_chunk
+    # store_location auto puts a store above VP2P_STORE_DISK_ABOVE_GB on disk, read back a step at a time
+    monkeypatch.setenv("VP2P_STORE_DISK_ABOVE_GB", "0.001")
+    kept = []
     with unet_rows(tuned) as rows:
-        noise, edited, fz_edited = run_stages(pack, tuned, clip, latents, mode="shared_null_text", inner_steps=1)
+        noise, edited, fz_edited = run_stages(pack, tuned, clip, latents, mode="shared_null_text", inner_steps=1, store_location="auto",
+                                              keep=kept)
     for out in (noise, edited, fz_edited):
         assert out.shape == (frames, 4, H, W) and torch.isfinite(out).all()
     assert max(rows) <= 4 * per_chunk, max(rows)
+    store = kept[0].attention
+    assert not store.in_memory and (store.directory / "spec.json").is_file() and store.nbytes > 1e6
+    assert store.spec.frames == frames
+
+
+def test_store_location_auto_keeps_a_small_store_in_ram(pack, base, clip):
+    kept = []
+    run_stages(pack, inflate(pack, base, "middle_frame", 0), clip, video(3), store_location="auto", keep=kept)
+    assert kept[0].attention.in_memory and kept[0].attention.directory is None
