@@ -104,13 +104,16 @@ def differences(size: int, steps: int, frames: int, chunk: int) -> list[dict]:
     from vp2p.video_norm import NormScope
 
     rows = []
-    cases = [(mode, NormScope.FRAME, False) for mode in FrameMode] + [(FrameMode.FIRST_FRAME, NormScope.VIDEO, False),
-                                                                     (FrameMode.FIRST_FRAME, NormScope.FRAME, True)]
-    for mode, norm, tuned in cases:
+    cases = [(mode, NormScope.FRAME, False, 0) for mode in FrameMode] + [(FrameMode.FIRST_FRAME, NormScope.VIDEO, False, 0),
+                                                                        (FrameMode.FIRST_FRAME, NormScope.VIDEO, False, chunk // 2),
+                                                                        (FrameMode.FIRST_FRAME, NormScope.FRAME, True, 0),
+                                                                        (FrameMode.FIRST_FRAME, NormScope.FRAME, True, chunk // 2)]
+    for mode, norm, tuned, overlap in cases:
         out = []
         bank = None
         for per in (0, chunk):
-            host, den, traj, cond, empty, sched, edit = _setup(frames, size, steps, T2SSettings(mode, True, norm, frames_per_chunk=per))
+            settings = T2SSettings(mode, True, norm, frames_per_chunk=per, chunk_overlap=overlap if per else 0)
+            host, den, traj, cond, empty, sched, edit = _setup(frames, size, steps, settings)
             if tuned:
                 if bank is None:
                     bank = randomise_temporal(host.bank, 7).state_dict()
@@ -122,7 +125,7 @@ def differences(size: int, steps: int, frames: int, chunk: int) -> list[dict]:
             host.remove()
         diff = float((out[0] - out[1]).abs().max())
         rows.append({"frame_attention": mode.value, "group_norm": norm.value, "temporal": "tuned (random)" if tuned else "untuned",
-                     "frames": frames, "frames_per_chunk": chunk, "max_abs_diff": diff,
+                     "frames": frames, "frames_per_chunk": chunk, "chunk_overlap": overlap, "max_abs_diff": diff,
                      "relative": diff / float(out[0].abs().max())})
     return rows
 
@@ -133,11 +136,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--one", nargs=2, type=int, metavar=("FRAMES", "CHUNK"))
+    ap.add_argument("--differences-only", action="store_true")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args.one[0], args.one[1], args.size, args.steps)))
         return
-    runs = [(8, args.chunk), (32, args.chunk), (128, args.chunk), (8, 0), (32, 0)]
+    runs = [] if args.differences_only else [(8, args.chunk), (32, args.chunk), (128, args.chunk), (8, 0), (32, 0)]
     for frames, chunk in runs:
         cmd = [sys.executable, __file__, "--size", str(args.size), "--steps", str(args.steps), "--one", str(frames), str(chunk)]
         print(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip(), flush=True)

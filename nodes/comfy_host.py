@@ -257,7 +257,7 @@ def _norm_wrapper(video_norm: VideoNorm) -> Callable:
     return wrapper
 
 
-def _chunk_wrapper(per_chunk: int, mode: FrameMode) -> Callable:
+def _chunk_wrapper(per_chunk: int, mode: FrameMode, overlap: int = 0) -> Callable:
     """An ``APPLY_MODEL`` wrapper that evaluates a call's videos ``per_chunk`` frames at a time
     (``vp2p.frame_chunks``): every per-row input (latent, timestep, text, ControlNet residuals, the
     model's extra conds such as SDXL's ``y``) is cut to the window's rows and each window runs through
@@ -281,7 +281,7 @@ def _chunk_wrapper(per_chunk: int, mode: FrameMode) -> Callable:
             return executor(x[index], take_rows(t, index, rows), take_rows(c_concat, index, rows), take_rows(c_crossattn, index, rows),
                             take_rows(control, index, rows), window_options, **take_rows(kwargs, index, rows))
 
-        return evaluate_in_windows(evaluate, layout.videos, layout.frames, per_chunk, mode, x.device)
+        return evaluate_in_windows(evaluate, layout.videos, layout.frames, per_chunk, mode, x.device, overlap)
 
     return wrapper
 
@@ -367,7 +367,7 @@ def install(clone: Any, settings: T2SSettings, bank: Optional[TemporalBank], blo
         # Outside the UNet (APPLY_MODEL): each window then passes the DIFFUSION_MODEL wrappers (the video
         # GroupNorm) with its own layout.
         comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, CHUNK_WRAPPER_KEY,
-                                                     _chunk_wrapper(settings.frames_per_chunk, settings.frame_attention),
+                                                     _chunk_wrapper(settings.frames_per_chunk, settings.frame_attention, settings.chunk_overlap),
                                                      clone.model_options, is_model_options=True)
     clone.set_attachments(STATE_KEY, T2SState(settings, patch, blocks, video_norm))
     return clone

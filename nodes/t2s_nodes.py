@@ -52,13 +52,18 @@ class InflateT2S(io.ComfyNode):
                                      "frame's keys/values are shared by every chunk); the temporal layers (once tuned) attend "
                                      "within a chunk, and group_norm=video pools a chunk's frames, which changes results "
                                      "slightly. Memory then grows with the chunk, not the clip. 8–16 suits 512² on 12–24 GB."),
+                io.Int.Input("chunk_overlap", default=0, min=0, max=4095, step=1, optional=True,
+                             tooltip="Frames consecutive chunks share (with frames_per_chunk): they are computed in both chunks "
+                                     "and blended with a linear ramp, as AnimateDiff's context windows do, which smooths what "
+                                     "tuned temporal layers see at chunk borders; costs overlap/(chunk − overlap) more UNet "
+                                     "work. Must be smaller than frames_per_chunk. 0: chunks side by side."),
             ],
             outputs=[io.Model.Output(tooltip="The inflated MODEL: a latent batch of F frames is sampled as one video.")],
         )
 
     @classmethod
     def execute(cls, model, frame_attention: str, temporal_attention: bool, frame_attention_min_channels: int = 0,
-                group_norm: str = NormScope.VIDEO.value, frames_per_chunk: int = 0) -> io.NodeOutput:
+                group_norm: str = NormScope.VIDEO.value, frames_per_chunk: int = 0, chunk_overlap: int = 0) -> io.NodeOutput:
         settings = T2SSettings(FrameMode.parse(frame_attention), bool(temporal_attention), NormScope.parse(group_norm),
-                               int(frame_attention_min_channels), int(frames_per_chunk))
+                               int(frame_attention_min_channels), int(frames_per_chunk), int(chunk_overlap))
         return io.NodeOutput(inflate(model, settings))

@@ -47,6 +47,30 @@ def test_plan_runs_the_anchor_window_first_and_covers_every_frame_once():
     assert window_rows(2, 5, 3, 2).tolist() == [3, 4, 8, 9]
 
 
+def test_overlapping_windows_cover_the_clip_and_ramp_where_they_share_frames():
+    from vp2p.frame_chunks import blend_weights
+
+    assert plan_windows(10, 4, FrameMode.FIRST_FRAME, overlap=1) == [(0, 4), (3, 4), (6, 4)]
+    assert plan_windows(11, 4, FrameMode.SPARSE_CAUSAL, overlap=2) == [(0, 4), (2, 4), (4, 4), (6, 4), (7, 4)]
+    assert plan_windows(10, 4, FrameMode.MIDDLE_FRAME, overlap=1)[0] == (3, 4)  # frame 4 first
+    w = blend_weights([(0, 4), (3, 4), (6, 4)])
+    assert w[0].tolist() == [1, 1, 1, 0.5] and w[1].tolist() == [0.5, 1, 1, 0.5] and w[2].tolist() == [0.5, 1, 1, 1]
+    with pytest.raises(SettingsError, match="chunk_overlap=4"):
+        plan_windows(10, 4, FrameMode.FIRST_FRAME, overlap=4)
+    with pytest.raises(SettingsError, match="chunk_overlap=3"):
+        T2SSettings(frames_per_chunk=2, chunk_overlap=3)
+
+
+@pytest.mark.parametrize("mode", [FrameMode.FIRST_FRAME, FrameMode.SPARSE_CAUSAL, FrameMode.MIDDLE_FRAME])
+def test_overlapping_chunks_equal_whole_where_chunks_are_exact(unet, mode):
+    from vp2p.diffusers_host import DiffusersT2S
+
+    x, ctx = _inputs(9, 2)
+    whole = _call(_host(unet, mode, 0), x, ctx)
+    overlapped = _call(DiffusersT2S(unet, T2SSettings(mode, False, NormScope.FRAME, frames_per_chunk=4, chunk_overlap=2)), x, ctx)
+    assert float((whole - overlapped).abs().max()) < 2e-5
+
+
 def test_take_rows_reaches_nested_per_row_tensors_only():
     idx = torch.tensor([1, 3])
     control = {"input": [torch.arange(4.0).view(4, 1), None], "middle": [torch.ones(1, 2)]}

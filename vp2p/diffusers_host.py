@@ -188,7 +188,7 @@ class DiffusersT2S:
                                 cond_or_uncond, take_rows(sigmas, index, rows), window_run(run, window))
 
                 return evaluate_in_windows(evaluate, layout.videos, layout.frames, settings.frames_per_chunk,
-                                           settings.frame_attention, sample.device)
+                                           settings.frame_attention, sample.device, settings.chunk_overlap)
         self._options = {"cond_or_uncond": list(cond_or_uncond) if cond_or_uncond is not None else [0],
                          "sigmas": sigmas, "original_shape": list(sample.shape), RUN_STATE_KEY: run or RunState()}
         kwargs: dict[str, Any] = {}

@@ -55,10 +55,11 @@ class AnchorCache:
 
     * ``anchor``: the anchor frame's k/v of every video of the call, ``[videos, N, C]`` each
       (``first_frame``/``middle_frame``: the frame every frame reads; ``sparse_causal``: frame 0);
-    * ``last``: ``sparse_causal`` only — the last frame of the window run before, as
-      ``(its end, k, v)``, which is the previous frame of the next window's first frame.
+    * ``last``: ``sparse_causal`` only — ``(frame, k, v)``: the frame a window left for the next one
+      (the previous frame of the next window's first frame).
 
-    Under autograd the tensors keep their graph, so a later window's gradient reaches the anchor."""
+    Copies of single frames, so a window's other keys/values are freed with it. Under autograd they keep
+    their graph, so a later window's gradient reaches the frame's own window."""
 
     anchor: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     last: dict[Any, tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -68,12 +69,15 @@ class AnchorCache:
 class FrameWindow:
     """The frames ``start … start+count−1`` of a ``total``-frame video that one UNet call holds (every
     video of the call: the same frames), and the ``AnchorCache`` its evaluation shares with the other
-    windows. Windows of one evaluation run the anchor's window first (``vp2p.frame_chunks.plan_windows``)."""
+    windows. Windows of one evaluation run the anchor's window first (``vp2p.frame_chunks.plan_windows``).
+    ``hand_over``: the frame whose keys/values ``sparse_causal`` leaves for the next window (the frame before
+    the next window's first; default: this window's last)."""
 
     start: int
     count: int
     total: int
     cache: AnchorCache = field(default_factory=AnchorCache, compare=False, repr=False)
+    hand_over: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.count < 1 or self.start < 0 or self.start + self.count > self.total:
@@ -91,7 +95,7 @@ class FrameWindow:
         ``kf``/``vf`` [videos, count, N, C] (and cached) when it holds the frame, else from the cache."""
         if self.holds(frame):
             kv = (kf[:, frame - self.start], vf[:, frame - self.start])
-            self.cache.anchor[key] = kv
+            self.cache.anchor[key] = (kv[0].clone(), kv[1].clone())
             return kv
         if key not in self.cache.anchor:
             raise LayoutError(f"Frames {self.start}…{self.start + self.count - 1} were evaluated before the window holding anchor frame "
@@ -100,17 +104,19 @@ class FrameWindow:
 
     def previous_kv(self, key: Any, kf: torch.Tensor, vf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``sparse_causal``: the previous frame's k/v of each of this window's frames, [videos, count, N, C]
-        (frame 0 reads itself); remembers this window's last frame for the next window."""
+        (frame 0 reads itself); leaves the ``hand_over`` frame for the next window."""
         if self.start == 0:
             kp, vp = torch.cat([kf[:, :1], kf[:, :-1]], dim=1), torch.cat([vf[:, :1], vf[:, :-1]], dim=1)
         else:
-            end, k_last, v_last = self.cache.last.get(key, (-1, None, None))
-            if end != self.start:
-                raise LayoutError(f"sparse_causal frame attention reads the previous frame: the window ending at frame {self.start - 1} "
+            frame, k_last, v_last = self.cache.last.get(key, (-1, None, None))
+            if frame != self.start - 1:
+                raise LayoutError(f"sparse_causal frame attention reads the previous frame: the window holding frame {self.start - 1} "
                                   f"must run right before frames {self.start}…{self.start + self.count - 1} (layer {key}).")
             kp = torch.cat([k_last[:, None], kf[:, :-1]], dim=1)
             vp = torch.cat([v_last[:, None], vf[:, :-1]], dim=1)
-        self.cache.last[key] = (self.start + self.count, kf[:, -1], vf[:, -1])
+        keep = self.hand_over if self.hand_over is not None else self.start + self.count - 1
+        if self.holds(keep):
+            self.cache.last[key] = (keep, kf[:, keep - self.start].clone(), vf[:, keep - self.start].clone())
         return kp, vp
 
 

@@ -105,11 +105,14 @@ class WordMapRecorder(AttentionController):
         if call.window is None:
             self.maps[call.key] = word
             return outputs
-        # a window of a chunked evaluation: the video's frames in order, window by window, every video's
+        # a window of a chunked evaluation: each video's frames placed where they belong (frames that overlapping
+        # windows share: the later window's, the same maps where chunks are exact), differentiably
         parts = self._windows.setdefault(call.key, {})
         parts[call.window.start] = word.reshape(len(videos), call.window.count, *grid)
-        ordered = [parts[s] for s in sorted(parts)]
-        self.maps[call.key] = torch.cat(ordered, dim=1).reshape(-1, *grid)
+        full = word.new_zeros(len(videos), call.window.total, *grid)
+        for start in sorted(parts):
+            full[:, start:start + parts[start].shape[1]] = parts[start]
+        self.maps[call.key] = full.reshape(-1, *grid)
         return outputs
 
 

@@ -49,13 +49,15 @@ class T2SSettings:
     self-attention (FateZero's ``least_sc_channel``: 640 in most of its configs, which leaves
     SD1.x's 320-channel blocks alone); 0 gives every block frame attention.
     ``frames_per_chunk``: a host evaluates longer videos this many frames at a time
-    (``vp2p.frame_chunks``); 0: every frame in one call."""
+    (``vp2p.frame_chunks``); 0: every frame in one call. ``chunk_overlap``: frames consecutive chunks
+    share, their outputs blended."""
 
     frame_attention: FrameMode = FrameMode.FIRST_FRAME
     temporal_attention: bool = True
     group_norm: NormScope = NormScope.VIDEO
     frame_attention_min_channels: int = 0
     frames_per_chunk: int = 0
+    chunk_overlap: int = 0
 
     def __post_init__(self) -> None:
         if self.frame_attention_min_channels < 0:
@@ -64,6 +66,9 @@ class T2SSettings:
         if self.frames_per_chunk < 0:
             raise SettingsError(f"frames_per_chunk={self.frames_per_chunk} must be ≥ 0 (0: every frame in one UNet call; "
                                 "8 or 16: long videos in bounded memory).")
+        if self.chunk_overlap < 0 or (self.chunk_overlap and self.chunk_overlap >= max(self.frames_per_chunk, 1)):
+            raise SettingsError(f"chunk_overlap={self.chunk_overlap} must be ≥ 0 and smaller than frames_per_chunk={self.frames_per_chunk} "
+                                "(the frames consecutive chunks share; e.g. a quarter of the chunk).")
 
     def frame_mode_for(self, width: int) -> FrameMode:
         """The frame attention of a transformer block ``width`` channels wide."""
@@ -76,6 +81,8 @@ class T2SSettings:
             text += f", frame_attention_min_channels={self.frame_attention_min_channels}"
         if self.frames_per_chunk:
             text += f", frames_per_chunk={self.frames_per_chunk}"
+        if self.chunk_overlap:
+            text += f", chunk_overlap={self.chunk_overlap}"
         return text
 
 
