@@ -29,11 +29,11 @@ def base(pack, comfy_path):
     return make_narrow_sd15(seed=5)
 
 
-def inflate(pack, base, mode: str, per_chunk: int, group_norm: str = "frame"):
+def inflate(pack, base, mode: str, per_chunk: int, group_norm: str = "frame", overlap: int = 0):
     with torch.inference_mode():
         return nodes_of(pack)["VP2P_InflateT2S"].execute(model=base, frame_attention=mode, temporal_attention=True,
                                                          frame_attention_min_channels=0, group_norm=group_norm,
-                                                         frames_per_chunk=per_chunk).result[0]
+                                                         frames_per_chunk=per_chunk, chunk_overlap=overlap).result[0]
 
 
 def video(frames: int, seed: int = 0) -> torch.Tensor:
@@ -80,17 +80,18 @@ def run_stages(pack, model, clip, latents, mode="ddim_only", inner_steps=0, step
     return noise["samples"], edited["samples"], fz_edited["samples"]
 
 
-@pytest.mark.parametrize("mode, per_chunk", [("first_frame", 4), ("middle_frame", 2), ("sparse_causal", 3)])
-def test_every_stage_in_chunks_equals_the_whole_clip(pack, base, clip, mode, per_chunk):
+@pytest.mark.parametrize("mode, per_chunk, overlap", [("first_frame", 4, 0), ("middle_frame", 2, 0), ("sparse_causal", 3, 0),
+                                                     ("sparse_causal", 4, 2)])
+def test_every_stage_in_chunks_equals_the_whole_clip(pack, base, clip, mode, per_chunk, overlap):
     frames = 7
     latents = video(frames)
     whole = run_stages(pack, inflate(pack, base, mode, 0), clip, latents)
-    chunked_model = inflate(pack, base, mode, per_chunk)
+    chunked_model = inflate(pack, base, mode, per_chunk, overlap=overlap)
     with unet_rows(chunked_model) as rows:
         chunked = run_stages(pack, chunked_model, clip, latents)
     for name, a, b in zip(("noise", "P2P", "FateZero"), whole, chunked):
         diff = float((a - b).abs().max())
-        assert diff < 2e-3 * max(1.0, float(a.abs().max())), f"{mode}/{per_chunk}: {name} differs by {diff}"
+        assert diff < 2e-3 * max(1.0, float(a.abs().max())), f"{mode}/{per_chunk}/{overlap}: {name} differs by {diff}"
     assert rows and max(rows) <= 4 * per_chunk, rows  # an edit call holds 4 videos (uncond/cond × source/target)
     assert float((whole[1] - whole[2]).abs().max()) > 1e-3  # the two edits are not the same computation
 
@@ -172,3 +173,40 @@ def test_store_location_auto_keeps_a_small_store_in_ram(pack, base, clip):
     kept = []
     run_stages(pack, inflate(pack, base, "middle_frame", 0), clip, video(3), store_location="auto", keep=kept)
     assert kept[0].attention.in_memory and kept[0].attention.directory is None
+
+
+def test_guidance_and_attention_maps_in_chunks_equal_whole(pack, base, clip):
+    """Cross-Attention Guidance's energy (word maps gathered window by window, gradients through the anchor) and
+    Attention Maps (LocalBlend's maps window by window) equal the whole clip's."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
+
+    reg = nodes_of(pack)
+    frames = 6
+    latents = video(frames, seed=6)
+    results = []
+    for per_chunk in (0, 4):
+        model = inflate(pack, base, "first_frame", per_chunk)
+        with torch.inference_mode():
+            masks = reg["VP2P_BoxTrajectory"].execute(width=W * 8, height=H * 8, frames=frames, start_x=0.1, start_y=0.2, start_w=0.4,
+                                                      start_h=0.4, end_x=0.5, end_y=0.2, end_w=0.4, end_h=0.4, shape="ellipse",
+                                                      easing="linear").result[0]
+            guider = reg["VP2P_CrossAttentionGuidance"].execute(
+                model=model, positive=encode(clip, "a red ball"), negative=encode(clip, ""), cfg=5.0, clip=clip, prompt="a red ball",
+                word="ball", target_masks=masks, strength=5.0).result[0]
+            sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 2).cpu()
+            guided = SamplerCustomAdvanced.execute(Noise_RandomNoise(1), guider, comfy.samplers.sampler_object("euler"), sigmas,
+                                                   {"samples": torch.zeros(frames, 4, H, W)}).result[0]["samples"]
+            inv, _ = reg["VP2P_NullTextInvert"].execute(
+                model=model, positive=encode(clip, SOURCE), negative=encode(clip, ""), latent={"samples": latents}, steps=2,
+                cfg=7.5, mode="ddim_only", inner_steps=0, early_stop=0.0, store_attention=False, use_cache=False).result
+            p2p = reg["VP2P_P2PController"].execute(
+                clip=clip, source_prompt=SOURCE, target_prompt=TARGET, edit="auto", cross_replace=0.5, self_replace=0.5,
+                blend_source_words="cat", blend_target_words="tiger", blend_threshold=0.5, reweight="").result[0]
+            src_maps, tgt_maps, mask = reg["VP2P_AttentionMaps"].execute(model=model, inversion=inv, control=p2p, source_words="",
+                                                                         target_words="", at_step=0.5, threshold=0.3).result
+        results.append((guided, [e for _, e in guider.energies], src_maps, tgt_maps))
+    (g0, e0, s0, t0), (g1, e1, s1, t1) = results
+    assert float((g0 - g1).abs().max()) < 2e-3 * max(1.0, float(g0.abs().max()))
+    assert len(e0) == len(e1) > 0 and all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(e0, e1)), (e0, e1)
+    assert float((s0 - s1).abs().max()) < 1e-3 and float((t0 - t1).abs().max()) < 1e-3

@@ -51,7 +51,8 @@ def test_pack_loads_through_comfy_loader_with_tooltips(pack):
     schema = nodes.NODE_CLASS_MAPPINGS["VP2P_InflateT2S"].GET_SCHEMA()
     assert schema.category.startswith("video_p2p")
     names = [i.id for i in schema.inputs]
-    assert names == ["model", "frame_attention", "temporal_attention", "frame_attention_min_channels", "group_norm"]
+    assert names == ["model", "frame_attention", "temporal_attention", "frame_attention_min_channels", "group_norm", "frames_per_chunk",
+                     "chunk_overlap"]
     for i in schema.inputs:
         assert i.tooltip, f"input {i.id} has no tooltip"
     info = nodes.NODE_CLASS_MAPPINGS["VP2P_InflateT2S"].INPUT_TYPES()

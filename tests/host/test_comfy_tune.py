@@ -235,7 +235,8 @@ def test_frame_window_trains_on_its_rows_and_keys_the_cache(pack, small_models, 
     backward = host_module(pack, "autograd_host").BACKWARD_MEMORY
     estimated = []
     real_estimate = comfy_call.estimate_memory_for
-    monkeypatch.setattr(comfy_call, "estimate_memory_for", lambda options, rows: (estimated.append(rows), real_estimate(options, rows))[1])
+    monkeypatch.setattr(comfy_call, "estimate_memory_for",
+                        lambda options, rows, per_chunk=0: (estimated.append(rows), real_estimate(options, rows, per_chunk))[1])
     g = torch.Generator().manual_seed(3)
     latents = torch.randn(1, 4, 8, 8, generator=g) + 0.3 * torch.randn(5, 4, 8, 8, generator=g)
     cond = [[torch.randn(1, 7, 768, generator=g), {}]]
