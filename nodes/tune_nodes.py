@@ -49,8 +49,9 @@ class TuneOnVideo(io.ComfyNode):
                              tooltip="Frames each training step sees (long clips): a window of this many frames, taken every "
                                      "frame_stride frames from a random start (seeded); frame attention and the temporal layers "
                                      "then see that window as the video, and memory follows the window. 0: the whole clip every "
-                                     "step (the reference's behaviour for its 8-frame clips); a window as long as the clip or "
-                                     "longer also uses the whole clip."),
+                                     "step (the reference's behaviour for its 8-frame clips) — or, on a MODEL inflated with "
+                                     "frames_per_chunk, a window of that many frames when the clip is longer; a window as long "
+                                     "as the clip or longer also uses the whole clip."),
                 io.Int.Input("frame_stride", default=1, min=1, max=1024, optional=True,
                              tooltip="Step between the frames of a window (as Tune-A-Video's sampling rate): 2 takes every "
                                      "other frame, so a window spans more of the clip's motion. Only used with frames_per_step."),
@@ -68,8 +69,15 @@ class TuneOnVideo(io.ComfyNode):
         from .tune_host import require_state
 
         samples = latent.get("samples") if isinstance(latent, dict) else None
-        require_state(model)
+        state = require_state(model)
         check_latent(model, samples, "Tune on Video")
+        chunk = state.settings.frames_per_chunk
+        if not frames_per_step and 0 < chunk < samples.shape[0]:
+            # A chunked model on a clip longer than a chunk: train on chunk-sized windows, so a step's backward holds
+            # one chunk's activations (the temporal layers then learn over the frames they will see in a chunk).
+            frames_per_step = chunk
+            log.info("Tune on Video: the MODEL runs %d frames per chunk and the clip has %d: each step trains on a window of %d "
+                     "frames (set frames_per_step to choose another window).", chunk, samples.shape[0], chunk)
         settings = TuneSettings(steps=int(steps), learning_rate=float(learning_rate), seed=int(seed) % (2**63),
                                 frames_per_step=int(frames_per_step), frame_stride=int(frame_stride))
         pbar = comfy.utils.ProgressBar(max(1, settings.steps))

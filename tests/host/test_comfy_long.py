@@ -210,3 +210,14 @@ def test_guidance_and_attention_maps_in_chunks_equal_whole(pack, base, clip):
     assert float((g0 - g1).abs().max()) < 2e-3 * max(1.0, float(g0.abs().max()))
     assert len(e0) == len(e1) > 0 and all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(e0, e1)), (e0, e1)
     assert float((s0 - s1).abs().max()) < 1e-3 and float((t0 - t1).abs().max()) < 1e-3
+
+
+def test_tune_on_a_chunked_model_trains_on_chunk_sized_windows(pack, base, clip):
+    model = inflate(pack, base, "sparse_causal", 4)
+    with unet_rows(model) as rows, torch.inference_mode():
+        tuned = nodes_of(pack)["VP2P_TuneOnVideo"].execute(model=model, positive=encode(clip, SOURCE), latent={"samples": video(10)},
+                                                           steps=2, learning_rate=1e-3, seed=0, use_cache=False).result[0]
+    # the default frames_per_step=0 trains on chunk-sized windows: one UNet call of 4 rows per step (the whole
+    # 10-frame clip would take three chunked calls per step)
+    assert rows == [4, 4], rows
+    assert tuned is not model
