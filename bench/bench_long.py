@@ -7,7 +7,9 @@ the DDIM inversion first, then the peak resident memory is reset (``/proc/self/c
 edit (word swap, cross/self replace 0.4, LocalBlend; the source branch walked beside the target: 4 videos
 per UNet call) is timed; reported: its peak RSS above the RSS before it, and its wall time.
 
-    python bench/bench_long.py [--size 32] [--steps 4] [--chunk 8]
+    python bench/bench_long.py [--size 32] [--steps 4] [--chunk 8] [--null-text]
+
+``--null-text`` measures null-text optimisation (2 inner steps per step) instead of the edit, same runs.
 """
 
 from __future__ import annotations
@@ -94,6 +96,22 @@ def one(frames: int, chunk: int, size: int, steps: int) -> dict:
             "rows_per_step": max(res.rows), "rows_per_unet_call": 4 * min(chunk or frames, frames), "finite": bool(res.edited.isfinite().all())}
 
 
+def one_null_text(frames: int, chunk: int, size: int, steps: int) -> dict:
+    """Worker: null-text optimisation (2 inner steps per step) on the DDIM inversion, in this process."""
+    from vp2p import FrameMode, T2SSettings
+    from vp2p.inversion import InversionSettings, optimise_null_text
+
+    _, den, traj, cond, empty, sched, _ = _setup(frames, size, steps, T2SSettings(FrameMode.FIRST_FRAME, True, frames_per_chunk=chunk))
+    before = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    t0 = time.perf_counter()
+    res = optimise_null_text(den, traj, cond, empty, sched, InversionSettings(steps=steps, inner_steps=2, early_stop=0.0))
+    seconds = time.perf_counter() - t0
+    peak = _status_kb("VmHWM")
+    return {"stage": "null-text", "frames": frames, "frames_per_chunk": chunk, "seconds": round(seconds, 2),
+            "peak_rss_mb": round((peak - before) / 1024, 1), "finite": bool(res.null_embeddings.isfinite().all())}
+
+
 def differences(size: int, steps: int, frames: int, chunk: int) -> list[dict]:
     """Chunked vs whole, max |difference| of the edited latents (and relative to their max), per frame mode;
     exact settings (group_norm=frame, untuned temporal layers) and the two that chunks change."""
@@ -137,14 +155,19 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--one", nargs=2, type=int, metavar=("FRAMES", "CHUNK"))
     ap.add_argument("--differences-only", action="store_true")
+    ap.add_argument("--null-text", action="store_true", help="measure null-text optimisation instead of the edit")
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one[0], args.one[1], args.size, args.steps)))
+        worker = one_null_text if args.null_text else one
+        print(json.dumps(worker(args.one[0], args.one[1], args.size, args.steps)))
         return
     runs = [] if args.differences_only else [(8, args.chunk), (32, args.chunk), (128, args.chunk), (8, 0), (32, 0)]
     for frames, chunk in runs:
         cmd = [sys.executable, __file__, "--size", str(args.size), "--steps", str(args.steps), "--one", str(frames), str(chunk)]
+        cmd += ["--null-text"] if args.null_text else []
         print(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip(), flush=True)
+    if args.null_text:
+        return
     for row in differences(args.size // 2, args.steps, 16, 4):
         print(json.dumps(row), flush=True)
 

@@ -55,14 +55,15 @@ class AnchorCache:
 
     * ``anchor``: the anchor frame's k/v of every video of the call, ``[videos, N, C]`` each
       (``first_frame``/``middle_frame``: the frame every frame reads; ``sparse_causal``: frame 0);
-    * ``last``: ``sparse_causal`` only — ``(frame, k, v)``: the frame a window left for the next one
-      (the previous frame of the next window's first frame).
+    * ``last``: ``sparse_causal`` only — ``(layer, frame) -> (k, v)``: the frame a window left for the next one
+      (the previous frame of the next window's first frame). Kept while the evaluation may be recomputed
+      (autograd: windows are recomputed in the backward pass, last first); dropped once read otherwise.
 
     Copies of single frames, so a window's other keys/values are freed with it. Under autograd they keep
     their graph, so a later window's gradient reaches the frame's own window."""
 
     anchor: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    last: dict[Any, tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    last: dict[tuple[Any, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -108,15 +109,18 @@ class FrameWindow:
         if self.start == 0:
             kp, vp = torch.cat([kf[:, :1], kf[:, :-1]], dim=1), torch.cat([vf[:, :1], vf[:, :-1]], dim=1)
         else:
-            frame, k_last, v_last = self.cache.last.get(key, (-1, None, None))
-            if frame != self.start - 1:
+            held = self.cache.last.get((key, self.start - 1))
+            if held is None:
                 raise LayoutError(f"sparse_causal frame attention reads the previous frame: the window holding frame {self.start - 1} "
                                   f"must run right before frames {self.start}…{self.start + self.count - 1} (layer {key}).")
+            if not torch.is_grad_enabled():
+                del self.cache.last[(key, self.start - 1)]
+            k_last, v_last = held
             kp = torch.cat([k_last[:, None], kf[:, :-1]], dim=1)
             vp = torch.cat([v_last[:, None], vf[:, :-1]], dim=1)
         keep = self.hand_over if self.hand_over is not None else self.start + self.count - 1
         if self.holds(keep):
-            self.cache.last[key] = (keep, kf[:, keep - self.start].clone(), vf[:, keep - self.start].clone())
+            self.cache.last[(key, keep)] = (kf[:, keep - self.start].clone(), vf[:, keep - self.start].clone())
         return kp, vp
 
 

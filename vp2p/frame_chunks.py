@@ -25,6 +25,7 @@ from dataclasses import replace
 from typing import Any, Callable, Optional
 
 import torch
+import torch.utils.checkpoint
 
 from .control import RunState
 from .errors import SettingsError
@@ -113,7 +114,14 @@ def evaluate_in_windows(evaluate: Callable[[torch.Tensor, FrameWindow], torch.Te
     for n, (start, count) in enumerate(windows):
         hand_over = windows[n + 1][0] - 1 if n + 1 < len(windows) else None
         index = window_rows(videos, total, start, count, device)
-        outputs.append(evaluate(index, FrameWindow(start, count, total, cache, hand_over)))
+        window = FrameWindow(start, count, total, cache, hand_over)
+        if torch.is_grad_enabled():
+            # Under autograd (null-text, tuning, guidance) a window keeps only its inputs and output: its activations
+            # are recomputed in the backward pass, so memory stays a window's whatever the length. A later window's
+            # gradient still reaches the anchor's window through the cached keys/values (recomputing that window).
+            outputs.append(torch.utils.checkpoint.checkpoint(evaluate, index, window, use_reentrant=False))
+        else:
+            outputs.append(evaluate(index, window))
         indices.append(index)
     order = torch.cat(indices)
     out = torch.cat(outputs)
