@@ -221,3 +221,45 @@ def test_tune_on_a_chunked_model_trains_on_chunk_sized_windows(pack, base, clip)
     # 10-frame clip would take three chunked calls per step)
     assert rows == [4, 4], rows
     assert tuned is not model
+
+
+def test_controlnet_residuals_follow_the_chunks(pack, small_models, clip):
+    """A ControlNet with one hint per frame: its residuals (computed by ComfyUI for the whole batch) are cut to each
+    chunk's rows, so a stock sampler and a DDIM inversion with it give the whole clip's result."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
+
+    import nodes
+    from tests.host.controlnet import load_random_controlnet
+
+    _, base2 = small_models
+    frames = 5
+    control = load_random_controlnet(levels=2, seed=0)
+    hints = torch.rand(frames, H * 8, W * 8, 3, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(encode(clip, SOURCE), encode(clip, ""), control, hints, 1.0, 0.0, 1.0)
+    outs = []
+    for per_chunk in (0, 2):
+        model = inflate(pack, base2, "first_frame", per_chunk)
+        with torch.inference_mode():
+            guider = comfy.samplers.CFGGuider(model)
+            guider.set_conds(pos, neg)
+            guider.set_cfg(5.0)
+            sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 2).cpu()
+            sampled = SamplerCustomAdvanced.execute(Noise_RandomNoise(2), guider, comfy.samplers.sampler_object("euler"), sigmas,
+                                                    {"samples": torch.zeros(frames, 4, H, W)}).result[0]["samples"]
+            _, noise = nodes_of(pack)["VP2P_NullTextInvert"].execute(
+                model=model, positive=pos, negative=neg, latent={"samples": video(frames, seed=3)}, steps=2, cfg=7.5,
+                mode="ddim_only", inner_steps=0, early_stop=0.0, store_attention=False, use_cache=False).result
+        outs.append((sampled, noise["samples"]))
+    (s0, n0), (s1, n1) = outs
+    assert float((s0 - s1).abs().max()) < 2e-3 * max(1.0, float(s0.abs().max()))
+    assert float((n0 - n1).abs().max()) < 2e-3 * max(1.0, float(n0.abs().max()))
+    # the hints matter: the same run with other hints differs
+    with torch.inference_mode():
+        pos2, neg2 = nodes.ControlNetApplyAdvanced().apply_controlnet(encode(clip, SOURCE), encode(clip, ""), control, hints.flip(0), 1.0,
+                                                                      0.0, 1.0)
+        _, noise2 = nodes_of(pack)["VP2P_NullTextInvert"].execute(
+            model=inflate(pack, base2, "first_frame", 2), positive=pos2, negative=neg2, latent={"samples": video(frames, seed=3)}, steps=2,
+            cfg=7.5, mode="ddim_only", inner_steps=0, early_stop=0.0, store_attention=False, use_cache=False).result
+    assert float((noise2["samples"][0] - n1[0]).abs().max()) > 1e-4

@@ -266,6 +266,9 @@ def shrink_for_cpu(prompt: dict, ckpt_name: str, controlnet_name: str = CN_NAME)
         for name, value in SHRINK.get(node["class_type"], {}).items():
             if name in inputs and not isinstance(inputs[name], list):  # leave linked inputs alone
                 inputs[name] = value
+        if node["class_type"] == "VP2P_InflateT2S" and isinstance(inputs.get("frames_per_chunk"), int) and inputs["frames_per_chunk"] > 0:
+            # a long-clip template keeps running in chunks at the test's 3 frames: 2 per chunk, 1 shared
+            inputs["frames_per_chunk"], inputs["chunk_overlap"] = 2, min(int(inputs.get("chunk_overlap") or 0), 1)
         if node["class_type"] in model_files:
             name, value = model_files[node["class_type"]]
             inputs[name] = value
