@@ -62,6 +62,23 @@ class InflateT2S(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, frames_per_chunk: "int | None" = None, chunk_overlap: "int | None" = None) -> "bool | str":
+        """Before the run: no negative counts; an overlap needs chunks longer than it. A linked input (None) skips its
+        checks (naming the inputs here takes them out of ComfyUI's own min/max check)."""
+        for name, value in (("frames_per_chunk", frames_per_chunk), ("chunk_overlap", chunk_overlap)):
+            if value is not None and value < 0:
+                return f"{name}={value} must be ≥ 0 (frames_per_chunk 0: every frame in one UNet call; chunk_overlap 0: none)."
+        if frames_per_chunk is None or chunk_overlap is None or not chunk_overlap:
+            return True
+        if chunk_overlap >= frames_per_chunk:
+            if not frames_per_chunk:
+                return (f"chunk_overlap={chunk_overlap} needs frames_per_chunk: the frames consecutive chunks share only exist when "
+                        "the video runs in chunks. Set frames_per_chunk (e.g. 8) or chunk_overlap 0.")
+            return (f"chunk_overlap={chunk_overlap} must be smaller than frames_per_chunk={frames_per_chunk} (the frames two chunks "
+                    f"share; e.g. {max(1, frames_per_chunk // 4)}).")
+        return True
+
+    @classmethod
     def execute(cls, model, frame_attention: str, temporal_attention: bool, frame_attention_min_channels: int = 0,
                 group_norm: str = NormScope.VIDEO.value, frames_per_chunk: int = 0, chunk_overlap: int = 0) -> io.NodeOutput:
         settings = T2SSettings(FrameMode.parse(frame_attention), bool(temporal_attention), NormScope.parse(group_norm),

@@ -170,3 +170,22 @@ def test_token_view_uses_the_connected_clips_tokenizer(server):
         assert answer["tokenizer"] == "SD1.x CLIP-L" and "assumed" in answer["notes"][0], answer
     fz = view(ckpt(CKPT), blend_source_words="dog")
     assert any("'dog' is not a word of the source prompt" in w for w in fz["warnings"])
+
+
+def test_inflate_chunk_settings_refused_at_queue_time(server):
+    info = server.object_info()
+    cases = [(dict(frames_per_chunk=4, chunk_overlap=4), "chunk_overlap=4 must be smaller than frames_per_chunk=4"),
+             (dict(frames_per_chunk=0, chunk_overlap=2), "chunk_overlap=2 needs frames_per_chunk"),
+             (dict(frames_per_chunk=-1, chunk_overlap=0), "frames_per_chunk=-1 must be ≥ 0")]
+    for settings, message in cases:
+        g = Graph(info)
+        ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CKPT)
+        inflate = g.add("VP2P_InflateT2S", model=(ckpt, 0), frame_attention="first_frame", temporal_attention=True, **settings)
+        pos = g.add("CLIPTextEncode", clip=(ckpt, 1), text="a cat running")
+        neg = g.add("CLIPTextEncode", clip=(ckpt, 1), text="")
+        latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=2)
+        sampler = g.add("KSampler", model=(inflate, 0), positive=(pos, 0), negative=(neg, 0), latent_image=(latent, 0), seed=0, steps=1,
+                        cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+        g.add("SaveLatent", samples=(sampler, 0))
+        errors = refused(server, g.nodes)
+        assert message in messages(errors, inflate), (settings, errors)
