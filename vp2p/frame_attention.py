@@ -220,16 +220,13 @@ def compact_keys(k: torch.Tensor, mode: FrameMode, frames: int) -> torch.Tensor:
 
 
 def expand_keys(compact: torch.Tensor, mode: FrameMode, frames: int) -> torch.Tensor:
-    """Inverse of ``compact_keys``: ``[key_frames, N, C]`` -> the regrouped keys of one video."""
-    if mode is FrameMode.SPARSE_CAUSAL and frames > 1:
-        previous = torch.cat([compact[:1], compact])  # frame f reads frame max(f−1, 0)
-        return torch.cat([compact[:1].expand(frames, -1, -1), previous], dim=1)
-    return compact
+    """Inverse of ``compact_keys``: ``[key_frames, N, C]`` -> the regrouped keys of one video (every frame's window)."""
+    return window_keys(compact, mode, frames, slice(0, frames))
 
 
 def window_keys(compact: torch.Tensor, mode: FrameMode, frames: int, window: slice) -> torch.Tensor:
     """The regrouped keys of one video's frames ``window`` (of ``frames``) from its compact keys
-    ``[key_frames, N, C]``: ``expand_keys(compact)`` restricted to the window, built for the window only."""
+    ``[key_frames, N, C]``, built for the window only (frame f of sparse_causal reads frames 0 and max(f−1, 0))."""
     if mode is FrameMode.SPARSE_CAUSAL and frames > 1:
         prev = torch.clamp(torch.arange(window.start, window.stop, device=compact.device) - 1, min=0)
         return torch.cat([compact[:1].expand(len(prev), -1, -1), compact[prev]], dim=1)
