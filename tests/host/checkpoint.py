@@ -66,6 +66,16 @@ def _vae_state_dict(seed: int) -> dict[str, torch.Tensor]:
     return vae.state_dict()
 
 
+def _random_text_encoder(clip: nn.Module, seed: int) -> None:
+    """Random weights for a text encoder: ``init_weights``, then N(0, EMBEDDING_STD) token/position embeddings."""
+    init_weights(clip, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in clip.modules():
+            if isinstance(m, nn.Embedding):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * EMBEDDING_STD)
+
+
 def _clip_state_dict(seed: int) -> dict[str, torch.Tensor]:
     """``text_model.*`` state dict of ComfyUI's SD1 CLIP-L text encoder, every weight written."""
     import comfy.ops
@@ -73,12 +83,7 @@ def _clip_state_dict(seed: int) -> dict[str, torch.Tensor]:
 
     # manual_cast keeps plain fp32 parameters on the CPU; its Linear/Embedding/LayerNorm subclass torch's.
     clip = SDClipModel(device="cpu", dtype=torch.float32, model_options={"custom_operations": comfy.ops.manual_cast})
-    init_weights(clip, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for m in clip.modules():
-            if isinstance(m, nn.Embedding):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * EMBEDDING_STD)
+    _random_text_encoder(clip, seed)
     text_model = clip.transformer.text_model
     _assert_all_initialised(text_model, "CLIP text model")
     # Original SD1.x checkpoints carry neither text_projection nor logit_scale; ComfyUI expects them absent
@@ -155,12 +160,7 @@ def _sdxl_clip_state_dicts(seed: int) -> dict[str, torch.Tensor]:
     import comfy.sdxl_clip
 
     clip = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32, model_options={"custom_operations": comfy.ops.manual_cast})
-    init_weights(clip, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for m in clip.modules():
-            if isinstance(m, nn.Embedding):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * EMBEDDING_STD)
+    _random_text_encoder(clip, seed)
     for name in ("clip_l", "clip_g"):  # the only plain parameters: CLIP's logit scale, created initialised
         assert torch.isfinite(getattr(clip, name).logit_scale).all()
         _assert_all_initialised(getattr(clip, name).transformer, f"SDXL {name}")

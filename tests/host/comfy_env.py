@@ -70,10 +70,31 @@ def sd15_unet_config(levels: int) -> tuple[dict, dict]:
     return diffusers_cfg, comfy_cfg
 
 
-def make_models(levels: int, seed: int = 0) -> tuple[Any, Any]:
-    """(diffusers UNet, ComfyUI ModelPatcher) with identical random weights."""
+def load_as_comfy(unet: Any, comfy_unet_config: dict, config_class: str) -> Any:
+    """ComfyUI's ModelPatcher of a diffusers ``unet``'s weights, through ComfyUI's own key map
+    (``unet_to_diffusers``) and loader: every diffusers weight lands on its own ComfyUI key, ComfyUI detects
+    ``config_class`` and its UNet has exactly these weights."""
     import comfy.sd
     import comfy.utils
+
+    mapping = comfy.utils.unet_to_diffusers(dict(comfy_unet_config))
+    dsd = unet.state_dict()
+    missing = set(dsd) - set(mapping)
+    assert not missing, f"diffusers keys without a ComfyUI mapping: {sorted(missing)[:5]}"
+    csd = {comfy_key: dsd[diff_key].detach().clone() for diff_key, comfy_key in mapping.items() if diff_key in dsd}
+    keys = set(csd)  # the loader consumes the dict
+    assert len(keys) == len(dsd)
+    with torch.inference_mode():  # ComfyUI's loaders run inside the executor: weights are inference tensors
+        patcher = comfy.sd.load_diffusion_model_state_dict(csd)
+    assert patcher is not None, "ComfyUI did not detect the random UNet as an SD model"
+    assert type(patcher.model.model_config).__name__ == config_class
+    own = set(patcher.model.diffusion_model.state_dict())
+    assert own == keys, sorted(own ^ keys)[:5]
+    return patcher
+
+
+def make_models(levels: int, seed: int = 0) -> tuple[Any, Any]:
+    """(diffusers UNet, ComfyUI ModelPatcher) with identical random weights."""
     from diffusers import UNet2DConditionModel
 
     from tests.helpers import assert_nontrivial, init_weights
@@ -81,16 +102,7 @@ def make_models(levels: int, seed: int = 0) -> tuple[Any, Any]:
     dcfg, ccfg = sd15_unet_config(levels)
     unet = init_weights(UNet2DConditionModel(**dcfg), seed).eval()
     assert_nontrivial(unet, dcfg)
-    mapping = comfy.utils.unet_to_diffusers(ccfg)
-    dsd = unet.state_dict()
-    csd = {comfy_key: dsd[diff_key].clone() for diff_key, comfy_key in mapping.items() if diff_key in dsd}
-    missing = set(dsd) - set(mapping)
-    assert not missing, f"diffusers keys without a ComfyUI mapping: {sorted(missing)[:5]}"
-    with torch.inference_mode():  # ComfyUI's loaders run inside the executor: weights are inference tensors
-        patcher = comfy.sd.load_diffusion_model_state_dict(csd)
-    assert patcher is not None, "ComfyUI did not detect the random UNet as an SD model"
-    assert type(patcher.model.model_config).__name__ == "SD15"
-    return unet, patcher
+    return unet, load_as_comfy(unet, ccfg, "SD15")
 
 
 def make_narrow_sd15(seed: int = 0, width: int = 32) -> Any:

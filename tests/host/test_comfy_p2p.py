@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.host.comfy_env import comfy_eps, encode, host_module, inflated, make_clip, nodes_of
+from tests.host.family_checks import controller  # the same P2P Controller settings (source prompt: SOURCE)
 
 FRAMES = 3
 STEPS = 3
@@ -20,14 +21,6 @@ def clip(comfy_path):
 def video(seed=0, frames=FRAMES, h=8, w=8):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(1, 4, h, w, generator=g) + 0.3 * torch.randn(frames, 4, h, w, generator=g)) * 5.0
-
-
-def controller(pack, clip, target="a tiger running", **kw):
-    args = dict(source_prompt=SOURCE, target_prompt=target, edit="auto", cross_replace=0.4, self_replace=0.4,
-                blend_source_words="", blend_target_words="", blend_threshold=0.3, reweight="")
-    args.update(kw)
-    with torch.inference_mode():
-        return nodes_of(pack)["VP2P_P2PController"].execute(clip=clip, **args).result[0]
 
 
 def invert(pack, model, clip, latents, mode="shared_null_text"):
