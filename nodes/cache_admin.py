@@ -129,14 +129,12 @@ def clear_all() -> dict[str, Any]:
 
 def register_cache_routes() -> None:
     """Add the cache routes to ComfyUI's server (no-op without a running server, e.g. in scripts)."""
-    try:
-        from aiohttp import web
-        from server import PromptServer
-    except ImportError:
+    from .routes import pack_server
+
+    server = pack_server("_vp2p_cache_routes")
+    if server is None:
         return
-    server = getattr(PromptServer, "instance", None)
-    if server is None or getattr(server, "_vp2p_cache_routes", False):
-        return
+    from aiohttp import web
 
     def failed(what: str, e: Exception) -> "web.Response":
         log.exception("Video-P2P cache: %s failed.", what)
@@ -155,5 +153,3 @@ def register_cache_routes() -> None:
             return web.json_response(await asyncio.to_thread(clear_all))
         except OSError as e:
             return failed("Clearing the cache", e)
-
-    server._vp2p_cache_routes = True

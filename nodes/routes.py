@@ -38,16 +38,26 @@ def tokenize_view(body: dict) -> dict:
     return view
 
 
-def register_routes() -> None:
-    """Add the route to ComfyUI's server (no-op without a running server, e.g. in scripts)."""
+def pack_server(flag: str) -> Any:
+    """ComfyUI's running ``PromptServer`` when the routes named by ``flag`` are not on it yet, marked as having
+    them; None without a server (scripts, tests) or when they were added before."""
     try:
-        from aiohttp import web
         from server import PromptServer
     except ImportError:
-        return
+        return None
     server = getattr(PromptServer, "instance", None)
-    if server is None or getattr(server, "_vp2p_routes", False):
+    if server is None or getattr(server, flag, False):
+        return None
+    setattr(server, flag, True)
+    return server
+
+
+def register_routes() -> None:
+    """Add the route to ComfyUI's server (no-op without a running server, e.g. in scripts)."""
+    server = pack_server("_vp2p_routes")
+    if server is None:
         return
+    from aiohttp import web
 
     @server.routes.post(ROUTE)
     async def tokenize(request: "web.Request") -> "web.Response":
@@ -56,5 +66,3 @@ def register_routes() -> None:
         except Exception:
             return web.json_response({"warnings": ["The request body must be JSON."]}, status=400)
         return web.json_response(tokenize_view(body if isinstance(body, dict) else {}))
-
-    server._vp2p_routes = True
