@@ -26,7 +26,7 @@ import comfy.samplers
 import torch
 
 from ..vp2p import SettingsError
-from ..vp2p.edit import DecoupledSteps, EditInputs, FusedSteps, Guidance
+from ..vp2p.edit import DecoupledSteps, FusedSteps, Guidance
 from ..vp2p.fatezero import FateZeroController, FateZeroEdit, FateZeroLatentBlend
 from ..vp2p.inversion_file import Inversion
 from ..vp2p.layout import COND, UNCOND
@@ -35,26 +35,13 @@ from ..vp2p.p2p import P2PController, P2PEdit
 from ..vp2p.schedule import folded_denoised, sigma_index, to_data_scale
 from .comfy_call import ComfyDenoiser, bare_conditioning, branch_pooled, check_pooled, estimate_memory_for
 from .comfy_host import with_pack_patch
+from .edit_inputs import check_consistency, check_fusion, edit_inputs
 
 log = logging.getLogger("VideoP2P")
 
 
-def edit_inputs(inversion: Inversion, controller_source: torch.Tensor, cfg: float, device: Any) -> EditInputs:
-    """What the edit takes from an inversion, on ``device`` (the one place it is built); ``controller_source``:
-    the controller's source prompt, the source's text where nothing was inverted (Start From Noise)."""
-    return EditInputs(
-        z_t=inversion.z_t.to(device), schedule=inversion.schedule, cond=inversion.source_text(controller_source).to(device),
-        null_embeddings=None if inversion.null_embeddings is None else inversion.null_embeddings.to(device),
-        negative=(inversion.negative if inversion.negative is not None else inversion.cond).to(device),
-        cfg=inversion.source_cfg(cfg),
-        source_path=None if inversion.source_path is None else inversion.source_path.to(device))
-
-
 def check_control(model: Any, inversion: Any, control: Any) -> None:
     """Everything the edit needs of its inputs, before any UNet call."""
-    from .fatezero_host import check_fusion
-    from .p2p_host import check_consistency
-
     if not isinstance(inversion, Inversion):
         raise SettingsError(f"inversion must come from 'Shared Null-Text Invert' or 'Load Inversion'; got {type(inversion).__name__}.")
     if isinstance(control, FateZeroEdit):

@@ -14,15 +14,14 @@ import comfy.model_management
 import torch
 
 from ..vp2p import SettingsError
-from ..vp2p.attention_store import check_store_matches
 from ..vp2p.edit import EditResult, Guidance, fused_edit
-from ..vp2p.fatezero import BlendLatent, FateZeroController, FateZeroEdit, FateZeroLatentBlend, check_store_covers
+from ..vp2p.fatezero import BlendLatent, FateZeroController, FateZeroEdit, FateZeroLatentBlend
 from ..vp2p.inversion_file import Inversion
 from ..vp2p.local_blend import LocalBlendSpec
 from ..vp2p.prompt_align import split_words, word_positions
 from .comfy_call import Stage, bare_conditioning, branch_pooled, run_stage
-from .comfy_host import get_state
-from .p2p_host import build_edit, check_consistency
+from .edit_inputs import check_fusion, edit_inputs
+from .p2p_host import build_edit
 
 NODE = "FateZero Controller"
 
@@ -68,33 +67,11 @@ def check_fatezero_inputs(source_prompt: Optional[str], target_prompt: Optional[
                             f"latent_blend_end={latent_blend_end}; use 0 ≤ start < end ≤ 1 (FateZero: 0.2 to 0.8).")
 
 
-def check_fusion(model: Any, inversion: Inversion, control: FateZeroEdit) -> None:
-    """Everything a fused edit needs, checked before any UNet call."""
-    if not isinstance(inversion, Inversion):
-        raise SettingsError(f"inversion must come from 'Shared Null-Text Invert' or 'Load Inversion'; got {type(inversion).__name__}.")
-    if inversion.generated:
-        raise SettingsError("A FateZero control edits a real video through its stored attention; 'Start From Noise' has none. "
-                            "Invert the video with store_attention on, or use a P2P Controller on generated videos.")
-    check_consistency(model, inversion, control.edit)
-    if inversion.attention is None:
-        raise SettingsError(
-            "This inversion has no attention store, which the FateZero control reads. Turn on store_attention in 'Shared "
-            "Null-Text Invert' and queue again: the cached inversion is reused and only the store is recorded."
-        )
-    if get_state(model) is None:
-        raise SettingsError("The MODEL has no pack attention patch to fuse the stored attention with; use the MODEL from "
-                            "'Inflate to T2S' (or Tune on Video) that the video was inverted with.")
-    check_store_matches(inversion.attention, inversion.cond)
-    check_store_covers(control, inversion.attention, inversion.schedule)
-
-
 def run_fused(model: Any, inversion: Inversion, control: FateZeroEdit, cfg: float, guidance: Guidance,
               callback: Optional[Callable[[int, torch.Tensor], None]] = None, positive: Optional[list] = None,
               negative: Optional[list] = None) -> tuple[EditResult, FateZeroController]:
     """Denoise the target from z_T, fusing the stored source attention (the pack's own loop, through
     ComfyUI's conditioning path); results in model space, data scale."""
-    from .edit_guider import edit_inputs
-
     check_fusion(model, inversion, control)
     sched = inversion.schedule
     latent_hw = tuple(inversion.latent_shape[-2:])

@@ -14,13 +14,13 @@ import torch
 
 from ..vp2p import LayoutSpec, RunState, SettingsError
 from ..vp2p.edit import EditResult, Guidance, decoupled_edit
-from ..vp2p.inversion_file import Inversion, check_fits
+from ..vp2p.inversion_file import Inversion
 from ..vp2p.layout import COND, SOURCE, TARGET
 from ..vp2p.local_blend import LocalBlend, LocalBlendSpec
 from ..vp2p.p2p import P2PController, P2PEdit, SelfReplace
 from ..vp2p.prompt_align import EditKind, parse_word_values, resolve_kind, reweight_vector, split_words, word_positions
 from .comfy_call import Stage, bare_conditioning, branch_pooled, run_stage
-from .model_facts import model_fingerprint
+from .edit_inputs import edit_inputs
 from .prompt_host import encode_prompt_pooled, tokenized_prompt
 
 log = logging.getLogger("VideoP2P")
@@ -55,23 +55,6 @@ def build_edit(clip: Any, source_prompt: str, target_prompt: str, edit: str, cro
                    cross_words=cross_words, reweight=reweight_vector(tgt, factors) if factors else None, blend=blend)
 
 
-def check_consistency(model: Any, inversion: Inversion, edit: P2PEdit) -> None:
-    """The inversion must come from this MODEL and the controller's source prompt."""
-    if not isinstance(inversion, Inversion):
-        raise SettingsError(f"inversion must come from 'Shared Null-Text Invert' or 'Load Inversion'; got {type(inversion).__name__}.")
-    if inversion.generated:  # Start From Noise: no model was used yet, and the source prompt is the controller's
-        return
-    check_fits(inversion, model_fingerprint(model), inversion.latent_shape, "The inversion")
-    cond = inversion.cond
-    same = cond.shape[1:] == edit.source_cond.shape[1:] and torch.allclose(cond.float(), edit.source_cond.expand_as(cond).float(),
-                                                                           atol=1e-3, rtol=1e-3)
-    if not same:
-        raise SettingsError(
-            f"The controller's source prompt {edit.source.text!r} is not the prompt the video was inverted with. Use the "
-            "same text (and CLIP) in the controller's source_prompt and the inverter's positive conditioning."
-        )
-
-
 def run_edit(model: Any, inversion: Inversion, edit: P2PEdit, cfg: float, guidance: Guidance, reuse: bool = True,
              callback: Optional[Callable[[int, torch.Tensor], None]] = None, positive: Optional[list] = None,
              negative: Optional[list] = None) -> tuple[EditResult, Optional[LocalBlend]]:
@@ -79,8 +62,6 @@ def run_edit(model: Any, inversion: Inversion, edit: P2PEdit, cfg: float, guidan
     exactly as computed, e.g. the source itself outside a LocalBlend mask), through ComfyUI's conditioning
     path. Returns the result (model space, data scale) and the blend used. The Decoupled Sampler node runs the
     same steps as a GUIDER under ComfyUI's euler sampler (``edit_guider``)."""
-    from .edit_guider import edit_inputs
-
     frames = inversion.frames
     sched = inversion.schedule
 

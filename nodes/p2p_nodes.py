@@ -343,7 +343,8 @@ class AttentionMaps(io.ComfyNode):
         from ..vp2p.fatezero import FateZeroEdit
         from ..vp2p.p2p import P2PEdit
         from ..vp2p.prompt_align import split_words
-        from .p2p_host import check_consistency, word_maps
+        from .edit_inputs import check_consistency
+        from .p2p_host import word_maps
 
         fatezero = isinstance(control, FateZeroEdit)
         if fatezero:  # its prompts; its blend words are source words
