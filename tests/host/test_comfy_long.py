@@ -126,7 +126,7 @@ def test_a_stock_sampler_on_a_chunked_model_equals_the_whole_clip(pack, base, cl
 
 
 def test_video_norm_in_chunks_stays_close_to_whole(pack, base, clip):
-    """group_norm=video pools a chunk's frames: close to the whole clip's result, not equal (README: measured)."""
+    """group_norm=video pools a chunk's frames: close to the whole clip's result, not equal (docs/long-videos.md: measured)."""
     latents = video(6, seed=2)
     whole = run_stages(pack, inflate(pack, base, "first_frame", 0, "video"), clip, latents)
     chunked = run_stages(pack, inflate(pack, base, "first_frame", 3, "video"), clip, latents)
