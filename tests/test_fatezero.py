@@ -168,6 +168,29 @@ def test_sd15_store_for_8_frames_512_at_50_steps_is_under_8_gb():
     assert reference > 10 * full
 
 
+def test_self_blend_values_are_what_the_self_attention_mask_thresholds(host, prompt):
+    """``self_blend_values`` (FateZero's ``SpatialBlender.get_mask`` before its threshold): the blend words' stored
+    source cross-attention of the step, summed over their tokens, averaged over heads and the non-middle layers of
+    the blend resolution, 3×3 max-pooled, nearest-resized to the layer, divided by each frame's maximum; the mask
+    the fusion uses is exactly these values above the threshold, at every step and layer size."""
+    fz = fz_edit(prompt, cross=0.0, self_=1.0, words=("cat",), threshold=0.9)
+    ctl = FateZeroController(fz, host.store, host.sched, (8, 8))
+    pos = list(fz.mask_positions)
+    for step in range(STEPS):
+        maps = [host.store.get(step, n).float() for n in host.store.names(step)
+                if parse_entry(n)[0] == "attn2" and parse_entry(n)[1].block != "middle"]  # the tiny UNet: all 8×8 (latent/1)
+        word = torch.cat([p[..., pos].sum(-1) for p in maps], dim=1).mean(1).reshape(FRAMES, 1, 8, 8)  # heads × layers
+        pooled = torch.nn.functional.max_pool2d(word, 3, 1, 1)
+        for size in ((8, 8), (4, 4), (2, 2)):
+            v = ctl.self_blend_values(step, size)
+            want = torch.nn.functional.interpolate(pooled, size=size)[:, 0]
+            want = want / want.flatten(1).amax(-1)[:, None, None]
+            assert v.shape == (FRAMES, *size) and v.dtype == torch.float32
+            torch.testing.assert_close(v, want, atol=1e-6, rtol=1e-6)
+            assert torch.equal(v > 0.9, ctl.self_mask(step, size[0] * size[1]).reshape(FRAMES, *size))
+    assert 0 < ctl.last_self_mask.sum() < ctl.last_self_mask.numel()
+
+
 def test_fusion_off_is_plain_target_ddim_from_the_inverted_noise(host, prompt):
     fz = fz_edit(prompt, cross=0.0, self_=0.0)
     res, _ = host.edit(fz)
