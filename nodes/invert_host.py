@@ -172,7 +172,7 @@ def predicted_store_bytes(model: Any, spec: StoreSpec, latent_hw: tuple[int, int
     levels, shapes = block_levels(model, blocks), block_shapes(model, blocks)
     layers = [(tokens_per_frame(levels[k], latent_hw), shapes[k].dim, shapes[k].heads) for k in blocks]
     return store_nbytes(spec.frames, layers, FrameMode.parse(spec.frame_mode), context, spec.stored_steps, spec.max_tokens,
-                        spec.frame_attention_min_channels)
+                        spec.frame_attention_min_channels, spec.precision)
 
 
 def announce_store(model: Any, spec: StoreSpec, latent_hw: tuple[int, int], context: int, folder: Optional[Path]) -> int:
@@ -182,8 +182,8 @@ def announce_store(model: Any, spec: StoreSpec, latent_hw: tuple[int, int], cont
 
     need = predicted_store_bytes(model, spec, latent_hw, context)
     where = "in RAM" if folder is None else f"on disk in {folder}"
-    log.info("%s: recording an attention store of %.3f GB (fp16; %d of %d steps, layers ≤ %d tokens per frame, %d frames), %s.",
-             NODE, need / 1e9, spec.stored_steps, spec.steps, spec.max_tokens, spec.frames, where)
+    log.info("%s: recording an attention store of %.3f GB (%s; %d of %d steps, layers ≤ %d tokens per frame, %d frames), %s.",
+             NODE, need / 1e9, spec.precision, spec.stored_steps, spec.steps, spec.max_tokens, spec.frames, where)
     if folder is not None:
         existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
         free = shutil.disk_usage(existing).free if existing is not None else None
@@ -268,8 +268,8 @@ def invert_cached(model: Any, positive: list, negative: list, samples: torch.Ten
     if store is not None:
         inv.attention = store
         s = store.spec
-        log.info("%s: attention store of %d/%d steps, layers ≤ %d tokens per frame, %d frames (%s): %.3f GB in fp16, kept %s.",
-                 NODE, s.stored_steps, s.steps, s.max_tokens, s.frames, s.frame_mode, store.nbytes / 1e9,
+        log.info("%s: attention store of %d/%d steps, layers ≤ %d tokens per frame, %d frames (%s): %.3f GB in %s, kept %s.",
+                 NODE, s.stored_steps, s.steps, s.max_tokens, s.frames, s.frame_mode, store.nbytes / 1e9, s.precision,
                  "in memory" if store.in_memory else f"on disk in {store.directory}")
     return inv
 

@@ -4,6 +4,8 @@ blend; the store read by sigma in the reverse of the recording order). Diffusers
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from vp2p.attention_store import (
     DEFAULT_MAX_TOKENS,
     AttentionStore,
     AttentionStoreError,
+    StorePrecision,
     StoreRecorder,
     StoreSpec,
     entry,
@@ -23,6 +26,7 @@ from vp2p.attention_store import (
 from vp2p.clip_vocab import find_vocab_source
 from vp2p.control import AttentionController, RunState
 from vp2p.edit import EditInputs, Guidance, fused_edit
+from vp2p.errors import SettingsError
 from vp2p.fatezero import BlendLatent, FateZeroController, FateZeroEdit, FateZeroLatentBlend, latent_blend_steps
 from vp2p.frame_attention import compact_keys, expand_keys, frame_attention_inputs, key_frames
 from vp2p.inversion import ddim_invert, inversion_input
@@ -54,7 +58,7 @@ class Host:
     """A tiny middle-frame T2S UNet, a video's DDIM inversion with a store, and the edit's inputs."""
 
     def __init__(self, unet, prompt, mode=FrameMode.MIDDLE_FRAME, fraction=1.0, max_tokens=DEFAULT_MAX_TOKENS, directory=None,
-                 in_memory=True, min_channels=0, frames=FRAMES, per_chunk=0, norm=NormScope.VIDEO):
+                 in_memory=True, min_channels=0, frames=FRAMES, per_chunk=0, norm=NormScope.VIDEO, precision="fp16"):
         from vp2p.diffusers_host import DiffusersT2S
 
         self.frames = frames
@@ -67,7 +71,7 @@ class Host:
         self.cond = embed(self.src)
         self.empty = 0.1 * torch.randn(1, 77, DIM, generator=g)
         self.sched = Schedule.reference(STEPS)
-        spec = StoreSpec.for_fraction(STEPS, fraction, max_tokens, frames, mode, "test", min_channels)
+        spec = StoreSpec.for_fraction(STEPS, fraction, max_tokens, frames, mode, "test", min_channels, precision)
         self.store = AttentionStore(spec, directory, in_memory)
         self.calls = 0
         with torch.no_grad():
@@ -166,6 +170,57 @@ def test_sd15_store_for_8_frames_512_at_50_steps_is_under_8_gb():
     # FateZero's reference keeps every probability map of the same layers in fp32 (for comparison):
     reference = sum((8 * 8 * n * n + 8 * 8 * n * 77) * 4 for n, c, h in layers if n <= 1024) * 50
     assert reference > 10 * full
+
+
+def test_fp32_store_holds_what_the_fp16_store_rounds(unet, prompt, host):
+    """``precision=fp32`` (FateZero's precision in its fp32 runs): the store holds the very tensors the default fp16
+    store rounds, twice the bytes (the formula follows), and says so in its description (the default stays out of
+    it, so earlier stores keep theirs); fusing it moves the edit by the rounding only."""
+    h = Host(copy.deepcopy(unet), prompt, precision="fp32")  # the same weights; the module's host stays installed on unet
+    try:
+        spec = h.store.spec
+        assert spec.dtype == torch.float32 and StoreSpec.from_json(spec.to_json()) == spec and '"precision": "fp32"' in spec.to_json()
+        assert host.store.spec.dtype == torch.float16 and "precision" not in host.store.spec.to_json()
+        for s in range(STEPS):
+            assert sorted(h.store.names(s)) == sorted(host.store.names(s))
+            for name, t in h.store.step(s).items():
+                assert t.dtype == torch.float32 and torch.equal(t.to(torch.float16), host.store.get(s, name)), name
+        want = store_nbytes(FRAMES, stored_layers(h.store), FrameMode.MIDDLE_FRAME, 77, STEPS, precision=StorePrecision.FP32)
+        assert h.store.nbytes == want == 2 * host.store.nbytes
+        rounded = AttentionStore.from_tensors(host.store.spec, h.store.tensors())  # an fp16 spec rounds on the way in
+        assert all(torch.equal(t, host.store.get(s, n)) for s in range(STEPS) for n, t in rounded.step(s).items())
+        fz = fz_edit(prompt, cross=0.8, self_=0.8, words=("cat",), threshold=0.9)
+        exact, _ = h.edit(fz)
+        half, _ = h.edit(fz, store=host.store)
+        assert not torch.equal(exact.edited, half.edited)
+        assert float((exact.edited - half.edited).norm() / exact.edited.norm()) < 1e-4  # measured 2.0e-5
+    finally:
+        h.close()
+    with pytest.raises(SettingsError, match="store_precision"):
+        StoreSpec.for_fraction(STEPS, 1.0, 64, FRAMES, FrameMode.MIDDLE_FRAME, "t", precision="bf16")
+
+
+def test_self_blend_values_are_what_the_self_attention_mask_thresholds(host, prompt):
+    """``self_blend_values`` (FateZero's ``SpatialBlender.get_mask`` before its threshold): the blend words' stored
+    source cross-attention of the step, summed over their tokens, averaged over heads and the non-middle layers of
+    the blend resolution, 3×3 max-pooled, nearest-resized to the layer, divided by each frame's maximum; the mask
+    the fusion uses is exactly these values above the threshold, at every step and layer size."""
+    fz = fz_edit(prompt, cross=0.0, self_=1.0, words=("cat",), threshold=0.9)
+    ctl = FateZeroController(fz, host.store, host.sched, (8, 8))
+    pos = list(fz.mask_positions)
+    for step in range(STEPS):
+        maps = [host.store.get(step, n).float() for n in host.store.names(step)
+                if parse_entry(n)[0] == "attn2" and parse_entry(n)[1].block != "middle"]  # the tiny UNet: all 8×8 (latent/1)
+        word = torch.cat([p[..., pos].sum(-1) for p in maps], dim=1).mean(1).reshape(FRAMES, 1, 8, 8)  # heads × layers
+        pooled = torch.nn.functional.max_pool2d(word, 3, 1, 1)
+        for size in ((8, 8), (4, 4), (2, 2)):
+            v = ctl.self_blend_values(step, size)
+            want = torch.nn.functional.interpolate(pooled, size=size)[:, 0]
+            want = want / want.flatten(1).amax(-1)[:, None, None]
+            assert v.shape == (FRAMES, *size) and v.dtype == torch.float32
+            torch.testing.assert_close(v, want, atol=1e-6, rtol=1e-6)
+            assert torch.equal(v > 0.9, ctl.self_mask(step, size[0] * size[1]).reshape(FRAMES, *size))
+    assert 0 < ctl.last_self_mask.sum() < ctl.last_self_mask.numel()
 
 
 def test_fusion_off_is_plain_target_ddim_from_the_inverted_noise(host, prompt):

@@ -2,7 +2,8 @@
 
 During the inversion the source's conditional rows are evaluated at every step's sigma on
 the inverted latent of that step. For the layers fusion uses (≤ ``max_tokens`` query tokens
-per frame, FateZero's 32²) and the first ``stored_steps`` edit steps, the store keeps, in fp16:
+per frame, FateZero's 32²) and the first ``stored_steps`` edit steps, the store keeps, in fp16
+(``precision``; FateZero keeps fp32, see ``StorePrecision``):
 
 * ``attn1`` (frame/self attention): the source's queries ``q`` and its distinct keys
   (``compact_keys`` of the layer's own frame attention: one frame for first/middle-frame
@@ -50,11 +51,31 @@ log = logging.getLogger("VideoP2P")
 
 STORE_FORMAT = "vp2p-attention-store/1"
 DEFAULT_MAX_TOKENS = 32 * 32
-STORE_DTYPE = torch.float16
 
 
 class AttentionStoreError(VP2PError):
     """A store is missing, damaged, or was made for something else."""
+
+
+class StorePrecision(str, Enum):
+    """The dtype the store keeps its tensors in.
+
+    ``fp16`` (the default) halves the store. FateZero keeps its maps in the precision of the run
+    (fp32 in its fp32 runs), and the rounding is measurable: on the FateZero parity fixture
+    (``tests/test_parity_fatezero.py``) the self-attention blend values are 6.5e-5 from the official
+    code's with an fp16 store and 1.1e-6 with an fp32 store (relative L2), the edited latents 9.0e-5
+    and 2.8e-5 (no mask pixel differs in either). ``fp32``: the official numbers, twice the store."""
+
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+    @classmethod
+    def parse(cls, value: "str | StorePrecision") -> "StorePrecision":
+        return parse_option(cls, value, "store_precision", "a store precision")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float16 if self is StorePrecision.FP16 else torch.float32
 
 
 class StoreLocation(str, Enum):
@@ -73,7 +94,7 @@ class StoreSpec:
     ≤ ``max_tokens`` tokens per frame, ``frames`` frames with ``frame_mode`` frame attention in
     the blocks at least ``frame_attention_min_channels`` wide (plain self-attention in narrower
     ones: their keys are every frame's), recorded with the source conditioning whose digest is
-    ``cond_digest``."""
+    ``cond_digest``, its tensors kept in ``precision`` (a ``StorePrecision`` value)."""
 
     steps: int
     stored_steps: int
@@ -82,25 +103,35 @@ class StoreSpec:
     frame_mode: str
     cond_digest: str
     frame_attention_min_channels: int = 0
+    precision: str = StorePrecision.FP16.value
 
     def __post_init__(self) -> None:
         if not 0 <= self.stored_steps <= self.steps:
             raise AttentionStoreError(f"stored_steps={self.stored_steps} must be between 0 and steps={self.steps}.")
+        StorePrecision.parse(self.precision)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the stored tensors."""
+        return StorePrecision.parse(self.precision).dtype
 
     @classmethod
     def for_fraction(cls, steps: int, fraction: float, max_tokens: int, frames: int, frame_mode: FrameMode,
-                     cond_digest: str, frame_attention_min_channels: int = 0) -> "StoreSpec":
+                     cond_digest: str, frame_attention_min_channels: int = 0,
+                     precision: "str | StorePrecision" = StorePrecision.FP16) -> "StoreSpec":
         """Store the first ``fraction`` of the edit's steps (rounded up: what fractions ≤ it read)."""
         if not 0.0 < fraction <= 1.0:
             raise AttentionStoreError(f"store_steps={fraction} is a fraction of the steps; use a number in (0, 1].")
         stored = min(steps, int(-(-fraction * steps // 1)))
         return cls(steps, stored, int(max_tokens), frames, FrameMode.parse(frame_mode).value, cond_digest,
-                   int(frame_attention_min_channels))
+                   int(frame_attention_min_channels), StorePrecision.parse(precision).value)
 
     def to_json(self) -> str:
         spec = asdict(self)
         if not spec["frame_attention_min_channels"]:
             del spec["frame_attention_min_channels"]  # the default: the description (and cache folder) of earlier stores
+        if spec["precision"] == StorePrecision.FP16.value:
+            del spec["precision"]  # likewise
         return json.dumps(spec, sort_keys=True)
 
     @classmethod
@@ -183,7 +214,7 @@ class AttentionStore:
         if step != self._recording:
             self._recording = step
             self.record_order.append(step)
-        t = tensor.detach().to("cpu", STORE_DTYPE).contiguous()
+        t = tensor.detach().to("cpu", self.spec.dtype).contiguous()
         old = self._steps.setdefault(step, {}).get(name)
         self.nbytes += t.numel() * t.element_size() - (0 if old is None else old.numel() * old.element_size())
         self._steps[step][name] = t
@@ -199,10 +230,10 @@ class AttentionStore:
         tensors = self._steps.setdefault(step, {})
         full = tensors.get(name)
         if full is None or tuple(full.shape) != tuple(shape):
-            full = torch.zeros(shape, dtype=STORE_DTYPE)
+            full = torch.zeros(shape, dtype=self.spec.dtype)
             self.nbytes += full.numel() * full.element_size()
             tensors[name] = full
-        full.narrow(dim, start, part.shape[dim]).copy_(part.detach().to("cpu", STORE_DTYPE))
+        full.narrow(dim, start, part.shape[dim]).copy_(part.detach().to("cpu", self.spec.dtype))
 
     def _flush(self, step: int) -> None:
         tensors = self._steps.get(step)
@@ -373,12 +404,14 @@ class StoreRecorder(AttentionController):
 
 
 def store_nbytes(frames: int, layers: list[tuple[int, int, int]], frame_mode: FrameMode, context: int, stored_steps: int,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, frame_attention_min_channels: int = 0) -> int:
+                 max_tokens: int = DEFAULT_MAX_TOKENS, frame_attention_min_channels: int = 0,
+                 precision: "str | StorePrecision" = StorePrecision.FP16) -> int:
     """The store's size in bytes: per stored step and per layer with N ≤ ``max_tokens`` tokens per
-    frame (``layers``: (N, channels C, heads H) of every transformer block), fp16 queries F·N·C,
+    frame (``layers``: (N, channels C, heads H) of every transformer block), queries F·N·C,
     keys K·N·C (K = ``key_frames`` of the block's frame attention: ``frame_mode``, or plain
-    self-attention where C < ``frame_attention_min_channels``) and cross probabilities F·H·N·T."""
-    size = STORE_DTYPE.itemsize
+    self-attention where C < ``frame_attention_min_channels``) and cross probabilities F·H·N·T,
+    in ``precision`` (2 bytes an element in fp16, 4 in fp32)."""
+    size = StorePrecision.parse(precision).dtype.itemsize
 
     def keys(c: int) -> int:
         return key_frames(frame_mode if c >= frame_attention_min_channels else FrameMode.NONE, frames)

@@ -253,12 +253,18 @@ class FateZeroController(AttentionController):
         _, h, w = g
         key = (step, h, w)
         if key not in self._masks:
-            maps = self.source_word_maps(step)  # [F, h', w']
-            mask = normalised_maps(maps[None], (h, w))[0] > self.fz.mask_threshold
+            mask = self.self_blend_values(step, (h, w)) > self.fz.mask_threshold
             self._masks = {k_: m for k_, m in self._masks.items() if k_[0] == step}  # keep one step's masks
             self._masks[key] = mask
             self.last_self_mask = mask
         return self._masks[key].reshape(self._masks[key].shape[0], -1)
+
+    def self_blend_values(self, step: int, size: tuple[int, int]) -> torch.Tensor:
+        """[F, h, w] fp32 in [0, 1]: what the self-attention mask of ``step`` thresholds at a layer of
+        ``size`` = (h, w) tokens — the blend words' stored source maps (``source_word_maps``), 3×3
+        max-pooled, nearest-resized to the layer and divided by each frame's maximum (FateZero's
+        ``SpatialBlender.get_mask`` before its threshold)."""
+        return normalised_maps(self.source_word_maps(step)[None], size)[0]
 
     def source_word_maps(self, step: int) -> torch.Tensor:
         """[F, h, w]: the blend words' stored source cross-attention at ``step``, summed over their
