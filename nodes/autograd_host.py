@@ -9,8 +9,12 @@ save. An *autograd clone* fixes that without writing a module other MODELs share
   ``copy=True`` on each forward, outside inference mode here, producing ordinary tensors;
 * bf16 compute on devices that support it, else fp32 (never fp16: no silent NaNs without loss
   scaling; ``backward_dtype``); whatever is optimised stays fp32;
-* gradient checkpointing per spatial transformer, as a ``PatcherInjection`` (instance
-  ``forward`` set on inject, removed on eject), so activation memory stays bounded;
+* gradient checkpointing per spatial transformer and per ResBlock, as a ``PatcherInjection`` (instance
+  ``forward`` set on inject, removed on eject), so activation memory stays bounded and the per-forward
+  weight casts are not kept for backward;
+* modules and tensors other nodes bring (AnimateDiff's motion modules injected at load, an attention
+  replace's own projections): ordinary copies where autograd records (``inference_tensors``), also in a
+  checkpointed block's recomputation;
 * ControlNets in backward passes: their residuals are computed without gradient (their weights are
   ComfyUI's inference tensors; ``comfy_call``), and each block starts from a copy of its input so
   ComfyUI's in-place residual additions do not touch saved activations (``_SkipCopies``).
@@ -18,8 +22,8 @@ save. An *autograd clone* fixes that without writing a module other MODELs share
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional, Sequence
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -27,7 +31,9 @@ import torch
 import torch.utils.checkpoint
 
 from ..vp2p.denoise import Denoiser
-from .comfy_host import transformer_blocks
+from .comfy_host import get_state, transformer_blocks
+from .inference_tensors import ordinary_tensors
+from .motion_tuning import motion_deltas_of
 
 CHECKPOINT_INJECTION_KEY = "vp2p_grad_checkpoint"
 # What a backward pass asks of ComfyUI's memory estimate, in forward batches: the activations that
@@ -44,26 +50,32 @@ class AddDelta:
         self.delta = delta
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.delta.to(weight.dtype)
+        return weight.detach() + self.delta.to(weight.dtype)
 
 
 def _ordinary(weight: torch.Tensor) -> torch.Tensor:
-    # Its mere presence makes ComfyUI cast with copy=True, which (outside inference mode)
-    # turns the inference-tensor weight into an ordinary one.
-    return weight
+    # Its mere presence makes ComfyUI cast with copy=True, which (outside inference mode) turns the
+    # inference-tensor weight into an ordinary one. Detached: ComfyUI's parameters keep requires_grad=True,
+    # so the cast copy would carry a graph back to the parameter, and every backward pass would compute a
+    # gradient for every UNet weight and keep it in the parameter's .grad (measured on SD1.5's full UNet in
+    # fp16: 956 M gradient values, 1.9 GB, kept after the stage).
+    return weight.detach()
 
 
 class _Checkpointing:
-    """Gradient checkpointing of the given submodules while injected."""
+    """Gradient checkpointing of the given submodules while injected. ``reentries``: for each piece of per-call
+    state a recomputation must see again (the video GroupNorm's call options), a function that, called during
+    the forward, returns how to re-enter that state."""
 
-    def __init__(self, paths: list[str]) -> None:
-        self.paths = paths
+    def __init__(self, reentries: Sequence[Callable[[], Callable[[], ContextManager]]] = ()) -> None:
+        self.reentries = list(reentries)
         self.modules: list[torch.nn.Module] = []
 
     def inject(self, patcher: Any) -> None:
         dm = patcher.model.diffusion_model
-        for path in self.paths:
-            m = dm.get_submodule(path)
+        for m in checkpointed_modules(dm):
+            if "forward" in m.__dict__:  # already shadowed (by this or another injection): leave it
+                continue
             original = m.forward
 
             def forward(*args: Any, _orig: Callable = original, **kwargs: Any) -> torch.Tensor:
@@ -73,7 +85,8 @@ class _Checkpointing:
                 # recomputation during backward must see this block's options, not the last block's.
                 args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
                 kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
-                return torch.utils.checkpoint.checkpoint(_orig, *args, use_reentrant=False, **kwargs)
+                entries = [reentry() for reentry in self.reentries]
+                return torch.utils.checkpoint.checkpoint(_recomputable, entries, _orig, *args, use_reentrant=False, **kwargs)
 
             m.forward = forward  # an instance attribute shadows the class method until eject
             self.modules.append(m)
@@ -83,6 +96,68 @@ class _Checkpointing:
             if "forward" in m.__dict__:
                 del m.forward
         self.modules.clear()
+
+
+# The UNet's own kinds of block children; anything else in a block was put there by another extension.
+_OWN_BLOCK_CHILDREN = ("ResBlock", "SpatialTransformer", "Downsample", "Upsample", "Conv2d", "conv_nd", "GroupNorm",
+                       "SiLU", "Identity")
+
+
+def _blocks(dm: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(path, block) of every block Sequential of an SD-style UNet."""
+    out = [(f"{top}.{i}", block) for top in ("input_blocks", "output_blocks") for i, block in enumerate(getattr(dm, top, []))]
+    middle = getattr(dm, "middle_block", None)
+    return out + ([("middle_block", middle)] if middle is not None else [])
+
+
+def _foreign(child: torch.nn.Module) -> bool:
+    return type(child).__name__ not in _OWN_BLOCK_CHILDREN
+
+
+def checkpointed_modules(dm: torch.nn.Module) -> list[torch.nn.Module]:
+    """What backward passes checkpoint, found in the UNet as it is now (loaded): every spatial transformer and ResBlock,
+    and the modules other extensions inserted into its blocks (AnimateDiff's motion modules, injected at load after
+    each spatial transformer; an extension injected after the pack is not seen): each casts its weights per forward,
+    which autograd would otherwise keep for the whole backward pass."""
+    own = [m for m in dm.modules() if type(m).__name__ in ("SpatialTransformer", "ResBlock")]
+    return own + [child for _, block in _blocks(dm) for child in block if _foreign(child)]
+
+
+def own_modules(dm: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of the UNet's own modules, named as the MODEL's weight keys name them — as with nothing
+    inserted: another extension's module inserted into a block (AnimateDiff's in the middle block and before each
+    output block's upsampler) shifts the indices after it while it is injected, and is not the MODEL's."""
+    renamed: dict[str, str] = {}
+    foreign: list[str] = []
+    for path, block in _blocks(dm):
+        canonical = 0
+        for j, child in enumerate(block):
+            if _foreign(child):
+                foreign.append(f"{path}.{j}.")
+                continue
+            renamed[f"{path}.{j}"] = f"{path}.{canonical}"
+            canonical += 1
+    out = []
+    for name, module in dm.named_modules():
+        if (name + ".").startswith(tuple(foreign)):
+            continue
+        parts = name.split(".")
+        head = ".".join(parts[:2] if parts[0] == "middle_block" else parts[:3])
+        if head in renamed:
+            name = renamed[head] + name[len(head):]
+        out.append((name, module))
+    return out
+
+
+def _recomputable(entries: list[Callable[[], ContextManager]], fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``fn`` inside the per-call state it ran in (``entries``) and with inference tensors made ordinary where
+    autograd records: the same in the first forward and in the recomputation during backward, which runs
+    after the UNet call that set that state up has ended."""
+    with ExitStack() as stack:
+        for entry in entries:
+            stack.enter_context(entry())
+        stack.enter_context(ordinary_tensors())
+        return fn(*args, **kwargs)
 
 
 class _SkipCopies:
@@ -133,14 +208,21 @@ def make_autograd_clone(model: Any, clone: Optional[Any] = None,
     mp = model.clone() if clone is None else clone
     device = mp.load_device
     mp.set_model_compute_dtype(backward_dtype(device, mp.model_dtype()))
-    blocks = transformer_blocks(mp)
-    spatial = sorted({p.rsplit(".transformer_blocks.", 1)[0] for p in blocks.values()})
-    ck = _Checkpointing(spatial)
+    transformer_blocks(mp)  # refuses what has no SD-style blocks
+    # Checkpointed (``checkpointed_modules``): spatial transformers, ResBlocks — each convolution casts its weight into a
+    # fresh tensor per forward (the weight wrappers), which autograd would otherwise keep for the whole backward pass,
+    # the UNet's ResNet weights once more in the compute dtype — and what other extensions inserted into the blocks.
+    state = get_state(mp)
+    reentries = [state.video_norm.reentry] if state is not None and state.video_norm is not None else []
+    motion = motion_deltas_of(mp)
+    if motion.tensors:  # a tuned motion module's deltas are attached per UNet call: recomputations re-attach them
+        reentries.append(motion.reentry(mp.get_model_object("diffusion_model")))
+    ck = _Checkpointing(reentries)
     copies = _SkipCopies()
     mp.set_injections(CHECKPOINT_INJECTION_KEY, [comfy.patcher_extension.PatcherInjection(ck.inject, ck.eject),
                                                  comfy.patcher_extension.PatcherInjection(copies.inject, copies.eject)])
     overrides = dict(overrides or {})
-    for name, module in mp.get_model_object("diffusion_model").named_modules():
+    for name, module in own_modules(mp.get_model_object("diffusion_model")):
         if getattr(module, "weight", None) is None or not hasattr(module, "weight_function"):
             continue
         wkey = f"diffusion_model.{name}.weight"

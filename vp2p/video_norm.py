@@ -15,9 +15,9 @@ video, the norms are the image model's, bit for bit.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from enum import Enum
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -84,6 +84,12 @@ class VideoNorm:
             yield
         finally:
             self._options = previous
+
+    def reentry(self) -> Callable[[], ContextManager[None]]:
+        """A way back into the call in progress: a block that gradient checkpointing recomputes during backward
+        runs after its UNet call ended, and must see that call's options again."""
+        options = self._options
+        return lambda: self.call(options) if options is not None else nullcontext()
 
     def layout(self, rows: int) -> Optional[BatchLayout]:
         """The explicit layout of the call in progress (None outside a call)."""
