@@ -10,9 +10,11 @@ UNet with ``ComfyDenoiser``:
 
 * each video of a call becomes a cond of the user's CONDITIONING (every extra kept), its text rows
   replaced by the stage's (the prompt-to-prompt rows, the optimised null embedding of a step);
-* ``calc_cond_batch`` runs them (``model_function_wrapper``, ``calc_cond_batch`` wrappers, the
-  context handler, ``sampler_calc_cond_batch_function``): slot 0 the conditional videos, slot 1 the
-  unconditional ones, one latent batch holding each branch's rows (``LayoutSpec.present``);
+* ComfyUI's per-step sampling function runs them (``evaluate_per_step``: whatever replaced it, e.g.
+  AnimateDiff-Evolved's, prepares the step as for a KSampler; then ``calc_cond_batch`` with its wrappers,
+  the context handler, ``model_function_wrapper``, or ``sampler_calc_cond_batch_function``): slot 0 the
+  conditional videos, slot 1 the unconditional ones, one latent batch holding each branch's rows
+  (``LayoutSpec.present``);
 * guidance combines through ``sampler_pre_cfg_function`` and ``cfg_function`` (``sampler_cfg_function``,
   post-CFG functions), as ``sampling_function`` does.
 """
@@ -30,6 +32,7 @@ import torch
 
 from ..vp2p import RUN_STATE_KEY, LayoutError, LayoutSpec, RunState, SettingsError
 from ..vp2p.layout import COND, UNCOND
+from .inference_tensors import ordinary_tensors
 
 log = logging.getLogger("VideoP2P")
 
@@ -128,6 +131,66 @@ def with_text(conds: Sequence[dict], text: torch.Tensor, pooled: Optional[torch.
     return out
 
 
+STEP_CAPTURE_KEY = "vp2p_step_capture"
+
+
+def _discarded_cfg(args: dict) -> torch.Tensor:
+    return args["cond"]
+
+
+def evaluate_per_step(model: Any, slots: list[Optional[list[dict]]], x_in: torch.Tensor, sigma_in: torch.Tensor,
+                      options: dict) -> list[torch.Tensor]:
+    """``calc_cond_batch``'s outputs for ``slots`` (index ``COND``, ``UNCOND``), evaluated through the sampling
+    function a KSampler's ``CFGGuider`` calls at every step (``comfy.samplers.sampling_function``, looked up at
+    call time): extensions that prepare each step there — AnimateDiff-Evolved replaces it to apply its motion
+    models' start/end percent, scale/effect keyframes and special models at the step's sigma — act on the
+    pack's UNet calls exactly as on a KSampler's. The conditional and unconditional predictions are taken
+    from the outermost ``CALC_COND_BATCH`` wrapper (or a ``sampler_calc_cond_batch_function``); the guidance
+    that function would combine is discarded (its CFG, pre- and post-CFG functions are left out of the
+    call: the stage combines its own rows, with the user's CFG functions, in ``ComfyDenoiser.cfg``)."""
+    captured: list[list[torch.Tensor]] = []
+
+    def capture(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        out = executor(*args, **kwargs)
+        captured.append(out)
+        return out
+
+    probe = dict(options)
+    to = dict(probe.get("transformer_options", {}))
+    wrappers = dict(to.get("wrappers", {}))
+    kind = comfy.patcher_extension.WrappersMP.CALC_COND_BATCH
+    wrappers[kind] = {STEP_CAPTURE_KEY: [capture], **{k: v for k, v in wrappers.get(kind, {}).items() if k != STEP_CAPTURE_KEY}}
+    to["wrappers"] = wrappers
+    probe["transformer_options"] = to
+    custom = options.get("sampler_calc_cond_batch_function")
+    if custom is not None:
+        probe["sampler_calc_cond_batch_function"] = lambda args: capture(lambda *a, **k: custom(args))
+    probe["sampler_cfg_function"] = _discarded_cfg
+    probe["sampler_pre_cfg_function"] = []
+    probe["sampler_post_cfg_function"] = []
+    probe["disable_cfg1_optimization"] = True  # both slots are evaluated whatever the scale
+    comfy.samplers.sampling_function(model, x_in, sigma_in, slots[UNCOND], slots[COND], 2.0, model_options=probe, seed=None)
+    if not captured:
+        raise SettingsError(
+            "ComfyUI's sampling function (comfy.samplers.sampling_function) was replaced by another extension with one that never "
+            "evaluates the model through calc_cond_batch; the pack's stages cannot take their predictions from it. Remove that "
+            "extension's node from this branch of the graph.")
+    return captured[0]
+
+
+def refuse_foreign_windows(model_options: dict, node: str) -> None:
+    """Refuse AnimateDiff-Evolved's sliding context windows (its context options): they cut the latent batch into
+    windows of ``full_length`` frames, while a stage's UNet calls hold several videos (branches × cond/uncond)."""
+    adgs = model_options.get("transformer_options", {}).get("ADGS")
+    using = getattr(adgs, "is_using_sliding_context", None)
+    if callable(using) and using():
+        raise SettingsError(
+            f"{node}: the MODEL carries AnimateDiff-Evolved context options (sliding context windows), which cut a latent batch "
+            "into windows of frames. This stage's UNet calls hold several videos (source and target branches, cond and uncond) "
+            "in one batch, which those windows would mix up. For long videos set frames_per_chunk on Inflate to T2S instead "
+            "without a motion module, or give AnimateDiff no context options (a clip within the motion module's length).")
+
+
 class ComfyDenoiser:
     """The ``vp2p.denoise.Denoiser`` and ``Combine`` of a stage running inside ``run_stage``.
 
@@ -186,11 +249,9 @@ class ComfyDenoiser:
         options["transformer_options"] = {**self.model_options.get("transformer_options", {}),
                                            RUN_STATE_KEY: RunState(run.controller if run is not None else None, spec)}
         sigma_in = sigma.reshape(-1)[:1].expand(x_in.shape[0]).to(x_in)
-        custom = options.get("sampler_calc_cond_batch_function")
-        if custom is not None:
-            out = custom({"conds": slots, "input": x_in, "sigma": sigma_in, "model": self.model, "model_options": options})
-        else:
-            out = comfy.samplers.calc_cond_batch(self.model, slots, x_in, sigma_in, options)
+        refuse_foreign_windows(options, "This stage")
+        with ordinary_tensors():  # under autograd: what other nodes put into the UNet may hold inference tensors
+            out = evaluate_per_step(self.model, slots, x_in, sigma_in, options)
         self.calls += 1
         result = []
         for kind, branch in roles:
@@ -241,12 +302,14 @@ class Stage:
 class _StageSampler(comfy.samplers.Sampler):
     """Runs a stage's loop where a sampler would run; its result is kept, not returned to the guider."""
 
-    def __init__(self, loop: Callable[[Stage], Any]) -> None:
+    def __init__(self, loop: Callable[[Stage], Any], node: str = "This node") -> None:
         self.loop = loop
+        self.node = node
         self.result: Any = None
 
     def sample(self, model_wrap: Any, sigmas: torch.Tensor, extra_args: dict, callback: Any, noise: torch.Tensor,
                latent_image: Optional[torch.Tensor] = None, denoise_mask: Any = None, disable_pbar: bool = False) -> torch.Tensor:
+        refuse_foreign_windows(extra_args["model_options"], self.node)  # before any work
         self.result = self.loop(Stage(model_wrap, extra_args["model_options"], latent_image, sigmas))
         return latent_image
 
@@ -298,7 +361,7 @@ def run_stage(model_patcher: Any, conds: dict[str, list], latent: torch.Tensor, 
             "of the graph.")
     guider = StageGuider(with_pack_patch(model_patcher), memory_rows, backward_factor)
     guider.inner_set_conds({k: v for k, v in conds.items() if v is not None})
-    sampler = _StageSampler(loop)
+    sampler = _StageSampler(loop, node)
     latent = latent.float()
     guider.sample(torch.zeros_like(latent), latent, sampler, sigmas.float().cpu(), disable_pbar=True, seed=0)
     return sampler.result
