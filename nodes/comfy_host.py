@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import comfy.ldm.modules.attention as comfy_attention
@@ -33,6 +33,7 @@ from ..vp2p.keys import comfy_transformer_keys
 from ..vp2p.layout import BatchLayout
 from ..vp2p.temporal import BlockShape
 from ..vp2p.video_norm import NormScope, VideoNorm, video_norm_paths
+from .inference_tensors import ordinary_tensors
 
 log = logging.getLogger("VideoP2P")
 
@@ -272,31 +273,75 @@ def _chunk_wrapper(per_chunk: int, mode: FrameMode, overlap: int = 0) -> Callabl
         layout = BatchLayout.resolve(x.shape[0], options.get("cond_or_uncond"), run.layout if run is not None else None)
         if not should_chunk(run, layout.frames, per_chunk):
             return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        refuse_chunks_with_motion_modules(options)
         rows = x.shape[0]
 
         def evaluate(index: torch.Tensor, window: FrameWindow) -> torch.Tensor:
             window_options = dict(options)
             window_options[RUN_STATE_KEY] = window_run(run, window)
             window_options["sigmas"] = take_rows(options.get("sigmas"), index, rows)
-            return executor(x[index], take_rows(t, index, rows), take_rows(c_concat, index, rows), take_rows(c_crossattn, index, rows),
-                            take_rows(control, index, rows), window_options, **take_rows(kwargs, index, rows))
+            with ordinary_tensors():  # under autograd a window is checkpointed: its recomputation runs outside the call
+                    return executor(x[index], take_rows(t, index, rows), take_rows(c_concat, index, rows), take_rows(c_crossattn, index, rows),
+                                take_rows(control, index, rows), window_options, **take_rows(kwargs, index, rows))
 
         return evaluate_in_windows(evaluate, layout.videos, layout.frames, per_chunk, mode, x.device, overlap)
 
     return wrapper
 
 
+def motion_modules(model: Any) -> list[str]:
+    """Names of the AnimateDiff motion modules on a MODEL: AnimateDiff-Evolved keeps them as the patcher's
+    additional models (each a patcher whose model carries ``mm_info``) and injects them into the UNet's
+    blocks while it is loaded. Read without importing AnimateDiff-Evolved."""
+    names = []
+    for group in getattr(model, "additional_models", {}).values():
+        for patcher in group:
+            info = getattr(getattr(patcher, "model", None), "mm_info", None)
+            if info is not None:
+                names.append(str(getattr(info, "mm_name", "motion module")))
+    return names
+
+
+def refuse_chunks_with_motion_modules(transformer_options: dict) -> None:
+    """Frame chunks cannot run an AnimateDiff motion module: it attends over every frame of the clip (the video
+    length AnimateDiff-Evolved set for the run), so a call holding a chunk's frames would be cut wrongly."""
+    adgs = transformer_options.get("ADGS")
+    group = getattr(adgs, "motion_models", None)
+    if group is not None and getattr(group, "models", None):
+        raise SettingsError(
+            "Inflate to T2S: frames_per_chunk runs the UNet on a part of the clip at a time, but the MODEL carries an AnimateDiff "
+            "motion module, which attends over the whole clip at once (its video length). Set frames_per_chunk to 0 for a clip "
+            "within the motion module's length, or leave AnimateDiff out of this branch for a longer clip.")
+
+
 def _fresh_clone(parent: Any, clone: Any) -> None:
     clone.is_injected = False
 
 
-def inflate(model: Any, settings: T2SSettings, seed: int = 0) -> Any:
+def inflate(model: Any, settings: T2SSettings, seed: int = 0, temporal_with_motion_module: bool = False) -> Any:
     """Return a clone of ``model`` inflated to a T2S model; ``model`` itself is not touched.
 
     Inflating an inflated model replaces its settings (the temporal layers, possibly
-    tuned, are kept when temporal attention stays on).
+    tuned, are kept when temporal attention stays on). On a MODEL carrying an AnimateDiff motion
+    module (AnimateDiff-Evolved) the motion module is the temporal layer: the pack's own temporal
+    layers are left out unless ``temporal_with_motion_module``; frame chunks are refused.
     """
     blocks = transformer_blocks(model)
+    modules = motion_modules(model)
+    if modules:
+        names = ", ".join(modules)
+        if settings.frames_per_chunk:
+            raise SettingsError(
+                f"Inflate to T2S: frames_per_chunk={settings.frames_per_chunk}, but the MODEL carries the AnimateDiff motion module "
+                f"{names}, which attends over the whole clip at once; chunks would cut it. Set frames_per_chunk to 0 (a clip within "
+                "the motion module's length), or apply AnimateDiff in another branch.")
+        if settings.temporal_attention and not temporal_with_motion_module:
+            settings = replace(settings, temporal_attention=False)
+            log.info("Inflate to T2S: the MODEL carries the AnimateDiff motion module %s, which is the temporal layer; the pack's own "
+                     "temporal attention layers are off (temporal_with_motion_module adds them as well).", names)
+        else:
+            log.info("Inflate to T2S: the MODEL carries the AnimateDiff motion module %s%s.", names,
+                     "; the pack's temporal attention layers are added as well" if settings.temporal_attention else "")
     previous_state = get_state(model)
     bank: Optional[TemporalBank] = None
     if settings.temporal_attention:
@@ -390,6 +435,20 @@ def with_pack_patch(model: Any) -> Any:
     return install(model.clone(), state.settings, state.bank, state.blocks)
 
 
+def foreign_parts(model: Any) -> list[str]:
+    """What other extensions put on the MODEL's patcher itself (not its options): additional models (AnimateDiff's
+    motion modules, ControlNet-like models), injections, wrappers and callbacks that are not the pack's. Each may
+    change what the UNet computes at run time (AnimateDiff-Evolved: its motion module, its per-step schedule, its
+    sampling function), which a fingerprint of the UNet's weights does not see."""
+    own_injections = (TEMPORAL_INJECTION_KEY, NORM_INJECTION_KEY)
+    parts = [f"additional_models:{k}" for k, v in getattr(model, "additional_models", {}).items() if v]
+    parts += [f"injections:{k}" for k, v in getattr(model, "injections", {}).items() if v and k not in own_injections]
+    parts += [f"wrappers:{kind}:{k}" for kind, by_key in getattr(model, "wrappers", {}).items() for k, v in by_key.items() if v]
+    parts += [f"callbacks:{kind}:{k}" for kind, by_key in getattr(model, "callbacks", {}).items() for k, v in by_key.items()
+              if v and k != TEMPORAL_INJECTION_KEY]
+    return sorted(parts)
+
+
 # Entries of a MODEL's options that change what the UNet computes without changing its weights; the pack's
 # own are its attention patch and its GroupNorm wrapper.
 _OUTPUT_OPTIONS = ("model_function_wrapper", "sampler_cfg_function", "sampler_post_cfg_function", "sampler_pre_cfg_function",
@@ -398,7 +457,13 @@ _OUTPUT_OPTIONS = ("model_function_wrapper", "sampler_cfg_function", "sampler_po
 
 def options_cacheable(model: Any) -> bool:
     """Whether a MODEL's options hold nothing but the pack's own patches: a wrapper, CFG function or patch
-    another node added changes results without changing the weights a cache key fingerprints."""
+    another node added changes results without changing the weights a cache key fingerprints — and so does
+    what another extension put on the patcher itself (``foreign_parts``: an AnimateDiff motion module and its
+    schedule)."""
+    from .motion_tuning import MOTION_WRAPPER_KEY
+
+    if foreign_parts(model):
+        return False
     options = model.model_options
     if any(options.get(k) for k in _OUTPUT_OPTIONS):
         return False
@@ -410,6 +475,6 @@ def options_cacheable(model: Any) -> bool:
             if not is_vp2p_patch(fn) or fn.__self__.previous:
                 return False
     for by_key in to.get("wrappers", {}).values():
-        if any(fns for key, fns in by_key.items() if key not in (NORM_WRAPPER_KEY, CHUNK_WRAPPER_KEY)):
+        if any(fns for key, fns in by_key.items() if key not in (NORM_WRAPPER_KEY, CHUNK_WRAPPER_KEY, MOTION_WRAPPER_KEY)):
             return False
     return True

@@ -13,7 +13,7 @@ import torch
 
 from ..vp2p import SettingsError
 from ..vp2p.fingerprint import fingerprint
-from .comfy_host import get_state
+from .comfy_host import foreign_parts, get_state, motion_modules
 
 log = logging.getLogger("VideoP2P")
 
@@ -77,15 +77,23 @@ def prediction_kind(model: Any, node: str = "This node") -> str:
 
 def model_fingerprint(model: Any) -> str:
     """Fingerprint of what a MODEL computes: its effective UNet weights (base + its patches,
-    e.g. LoRAs and earlier tuning, as loaded for this MODEL), its temporal layers and T2S settings.
+    e.g. LoRAs and earlier tuning, as loaded for this MODEL), its temporal layers and T2S settings, a tuned
+    motion module's deltas, and the names of what other extensions put on its patcher (``foreign_parts``:
+    an inversion made with an AnimateDiff motion module does not fit the MODEL without it).
 
     The first call per (model, patches) loads the model and hashes every weight; later calls
     for the same patches are a dictionary look-up (ComfyUI renews ``patches_uuid`` whenever
     a patcher's weight patches change).
     """
+    from .motion_tuning import motion_deltas_of
+
     state = get_state(model)
     bank = [(f"vp2p_temporal.{k}", v) for k, v in state.bank.state_dict().items()] if state and state.bank is not None else []
+    bank += [(f"vp2p_motion.{k}", v) for k, v in sorted(motion_deltas_of(model).tensors.items())]
     settings = {"t2s": state.settings.describe() if state else None}
+    foreign = foreign_parts(model)
+    if foreign:  # e.g. an AnimateDiff motion module: results made with it are not results of the UNet alone
+        settings.update(foreign=foreign, motion_modules=motion_modules(model))
     stamp = (str(model.patches_uuid), tuple(sorted((k, id(v)) for k, v in model.object_patches.items())),
              fingerprint(bank, settings))
     memo = _fingerprints.setdefault(model.model, {})

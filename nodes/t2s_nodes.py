@@ -37,7 +37,9 @@ class InflateT2S(io.ComfyNode):
                                tooltip=FRAME_MODE_HELP),
                 io.Boolean.Input("temporal_attention", default=True,
                                  tooltip="Add temporal attention layers (attention over frames at every position), as in "
-                                         "Tune-A-Video/Video-P2P. They start as an exact identity and only act after Tune on Video."),
+                                         "Tune-A-Video/Video-P2P. They start as an exact identity and only act after Tune on Video. "
+                                         "With an AnimateDiff motion module on the MODEL they are left out unless "
+                                         "temporal_with_motion_module is on (the motion module is the temporal layer)."),
                 io.Int.Input("frame_attention_min_channels", default=0, min=0, max=16384, step=1, optional=True,
                              tooltip="Transformer blocks narrower than this many channels keep plain per-frame self-attention. "
                                      "0: frame attention in every block. FateZero uses 640 (SD1.x: its 320-channel blocks at "
@@ -57,6 +59,10 @@ class InflateT2S(io.ComfyNode):
                                      "and blended with a linear ramp, as AnimateDiff's context windows do, which smooths what "
                                      "tuned temporal layers see at chunk borders; costs overlap/(chunk − overlap) more UNet "
                                      "work. Must be smaller than frames_per_chunk. 0: chunks side by side."),
+                io.Boolean.Input("temporal_with_motion_module", default=False, optional=True,
+                                 tooltip="Only when the MODEL carries an AnimateDiff motion module (AnimateDiff-Evolved nodes before "
+                                         "this one): the motion module already is a temporal layer, so the pack's own temporal "
+                                         "attention layers are left out (off). On: add them as well (temporal_attention on)."),
             ],
             outputs=[io.Model.Output(tooltip="The inflated MODEL: a latent batch of F frames is sampled as one video.")],
         )
@@ -80,7 +86,8 @@ class InflateT2S(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, frame_attention: str, temporal_attention: bool, frame_attention_min_channels: int = 0,
-                group_norm: str = NormScope.VIDEO.value, frames_per_chunk: int = 0, chunk_overlap: int = 0) -> io.NodeOutput:
+                group_norm: str = NormScope.VIDEO.value, frames_per_chunk: int = 0, chunk_overlap: int = 0,
+                temporal_with_motion_module: bool = False) -> io.NodeOutput:
         settings = T2SSettings(FrameMode.parse(frame_attention), bool(temporal_attention), NormScope.parse(group_norm),
                                int(frame_attention_min_channels), int(frames_per_chunk), int(chunk_overlap))
-        return io.NodeOutput(inflate(model, settings))
+        return io.NodeOutput(inflate(model, settings, temporal_with_motion_module=bool(temporal_with_motion_module)))
