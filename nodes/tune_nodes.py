@@ -55,6 +55,11 @@ class TuneOnVideo(io.ComfyNode):
                 io.Int.Input("frame_stride", default=1, min=1, max=1024, optional=True,
                              tooltip="Step between the frames of a window (as Tune-A-Video's sampling rate): 2 takes every "
                                      "other frame, so a window spans more of the clip's motion. Only used with frames_per_step."),
+                io.Boolean.Input("train_motion_module", default=False, optional=True,
+                                 tooltip="With an AnimateDiff motion module on the MODEL (AnimateDiff-Evolved nodes before Inflate "
+                                         "to T2S): also train its attention (q/k/v/out of its temporal transformers), as "
+                                         "Tune-A-Video trains its temporal attention. The motion module itself is not changed: the "
+                                         "tuned MODEL carries the changes, saved and reloaded with the tuning."),
             ],
             outputs=[io.Model.Output(tooltip="The tuned T2S MODEL.")],
             hidden=[io.Hidden.unique_id],
@@ -62,7 +67,8 @@ class TuneOnVideo(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent, steps: int, learning_rate: float, seed: int, save_name: str = "",
-                use_cache: bool = True, frames_per_step: int = 0, frame_stride: int = 1) -> io.NodeOutput:
+                use_cache: bool = True, frames_per_step: int = 0, frame_stride: int = 1,
+                train_motion_module: bool = False) -> io.NodeOutput:
         import comfy.utils
 
         from .comfy_host import check_latent
@@ -79,7 +85,8 @@ class TuneOnVideo(io.ComfyNode):
             log.info("Tune on Video: the MODEL runs %d frames per chunk and the clip has %d: each step trains on a window of %d "
                      "frames (set frames_per_step to choose another window).", chunk, samples.shape[0], chunk)
         settings = TuneSettings(steps=int(steps), learning_rate=float(learning_rate), seed=int(seed) % (2**63),
-                                frames_per_step=int(frames_per_step), frame_stride=int(frame_stride))
+                                frames_per_step=int(frames_per_step), frame_stride=int(frame_stride),
+                                train_motion_module=bool(train_motion_module))
         pbar = comfy.utils.ProgressBar(max(1, settings.steps))
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
 
@@ -100,7 +107,7 @@ def tune_cached(model, positive, samples, settings: TuneSettings, progress, save
     from ..vp2p.tuned_file import load_tuned, save_tuned
     from ..vp2p.tuning import TRAINABLE_SET
     from .cache_admin import after_write
-    from .comfy_host import options_cacheable
+    from .comfy_host import motion_modules, options_cacheable
     from .model_facts import conditioning_key, conditioning_tensor, model_fingerprint
     from .storage import cache_dir, named_path
     from .tune_host import apply_tuned, require_state
@@ -136,6 +143,8 @@ def tune_cached(model, positive, samples, settings: TuneSettings, progress, save
                                 final_loss=f"{sum(losses[-10:]) / len(losses[-10:]):.6g}")
         if settings.frames_per_step:
             weights.metadata.update(frames_per_step=str(settings.frames_per_step), frame_stride=str(settings.frame_stride))
+        if weights.motion:
+            weights.metadata.update(motion_modules=", ".join(motion_modules(model)))
         return weights
 
     weights, _ = load_or_compute(cached, load_tuned, train, save_tuned, "Tune on Video", after_write(cache_dir()))
@@ -173,7 +182,15 @@ class LoadTunedT2S(io.ComfyNode):
         from .storage import resolve
         from .tune_host import apply_tuned, require_state
 
+        from ..vp2p.tuned_file import TunedFileError
+        from .comfy_host import motion_modules
+
         state = require_state(model)
         weights = load_tuned(resolve(tuned_name))
+        if weights.motion and not motion_modules(model):
+            raise TunedFileError(
+                f"{tuned_name} also tuned the attention of the AnimateDiff motion module "
+                f"{weights.metadata.get('motion_modules', '(name not recorded)')}, but this MODEL carries no motion module. Apply the "
+                "same AnimateDiff model (AnimateDiff-Evolved's nodes) before Inflate to T2S, as when it was tuned.")
         check_compatible(weights, state.settings, model_fingerprint(model), set(state.blocks), tuned_name)
         return io.NodeOutput(apply_tuned(model, weights))

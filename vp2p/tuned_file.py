@@ -1,8 +1,9 @@
 """Tuned T2S weights: what Tune on Video produces, and its safetensors file.
 
 The file holds only the tuned tensors — the ``to_q`` deltas (tuned weight = base + delta)
-of attn1/attn2 per layer key and the temporal layers' whole state (the trained projections
-and the untrained LayerNorms, so that it loads into a bank as it is) — plus string metadata:
+of attn1/attn2 per layer key, the temporal layers' whole state (the trained projections
+and the untrained LayerNorms, so that it loads into a bank as it is) and, when a motion module's
+attention was tuned, its projections' deltas by path (``motion.<path>.weight|bias``) — plus string metadata:
 format version, base-model fingerprint, inflation settings, frames, prompt, steps,
 learning rate, seed. Writes are atomic (temporary file + rename). Never pickle.
 """
@@ -32,16 +33,20 @@ class TunedFileError(VP2PError):
 
 @dataclass
 class TunedWeights:
-    """deltas: (kind, key) -> [out, in] fp32; temporal: bank state dict (``layers.<slug>.<param>``)."""
+    """deltas: (kind, key) -> [out, in] fp32; temporal: bank state dict (``layers.<slug>.<param>``); motion: deltas of a
+    motion module's attention projections, by their path in the UNet (``<module path>.weight`` [out, in] /
+    ``.bias`` [out]: tuned = the motion module's own + delta)."""
 
     settings: T2SSettings
     deltas: dict[tuple[str, LayerKey], torch.Tensor]
     temporal: dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    motion: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"to_q.{kind}.{key.slug}": d.detach().float().cpu().contiguous() for (kind, key), d in self.deltas.items()}
         out.update({f"temporal.{name}": t.detach().float().cpu().contiguous() for name, t in self.temporal.items()})
+        out.update({f"motion.{name}": t.detach().float().cpu().contiguous() for name, t in self.motion.items()})
         return out
 
 
@@ -64,6 +69,7 @@ def load_tuned(path: Path) -> TunedWeights:
                            int(meta.get("frame_attention_min_channels", "0")))
     deltas: dict[tuple[str, LayerKey], torch.Tensor] = {}
     temporal: dict[str, torch.Tensor] = {}
+    motion: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         group, rest = name.split(".", 1)
         if group == "to_q":
@@ -71,7 +77,9 @@ def load_tuned(path: Path) -> TunedWeights:
             deltas[(kind, LayerKey.from_slug(slug))] = t
         elif group == "temporal":
             temporal[rest] = t
-    return TunedWeights(settings, deltas, temporal, meta)
+        elif group == "motion":
+            motion[rest] = t
+    return TunedWeights(settings, deltas, temporal, meta, motion)
 
 
 def check_compatible(weights: TunedWeights, settings: T2SSettings, base_fingerprint: Optional[str], keys: set[LayerKey], name: str) -> None:

@@ -86,6 +86,9 @@ class TuneSettings:
     # frames each step trains on (0: the whole clip) and the step between them
     frames_per_step: int = 0
     frame_stride: int = 1
+    # also train the attention projections of a motion module another extension put into the UNet
+    # (AnimateDiff's temporal transformers: to_q/to_k/to_v/to_out, as Tune-A-Video trains its temporal attention)
+    train_motion_module: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -104,6 +107,8 @@ class TuneSettings:
                 f"max_grad_norm={self.max_grad_norm!r}, seed={self.seed!r})")
         if self.frames_per_step:  # the stride alone changes nothing
             text += f" window(frames_per_step={self.frames_per_step!r}, frame_stride={self.frame_stride!r})"
+        if self.train_motion_module:
+            text += " motion_module_attention"
         return text
 
 
