@@ -15,7 +15,7 @@ COMFY_SRC="$1"
 COMFY_VENV="${2:-.venv-comfy}"
 COMFY_TORCH="torch==2.14.1"
 COMFY_TORCHVISION="torchvision==0.29.1"
-COMFY_TEST_REQS="pytest pytest-xdist diffusers playwright"
+COMFY_TEST_REQS="pytest pytest-xdist diffusers playwright opencv-python-headless imageio-ffmpeg"
 
 _comfy_reqs="$(mktemp)"
 trap 'rm -f "$_comfy_reqs"' EXIT
