@@ -462,3 +462,46 @@ def test_caches_are_skipped_for_a_model_another_node_wrapped(pack, small_models,
         assert len(list(tmp_path.glob("inversion_*.safetensors"))) == 1
         calls, _, _ = counting.during(lambda: host.invert_cached(wrapped, pos, neg, latents, settings, tmp_path))
     assert calls == STEPS and len(list(tmp_path.glob("inversion_*.safetensors"))) == 1
+
+
+class ProjectingPatch:
+    """What an IPAdapter-style node brings: an attn2 replace with its own projection weights, created (as ComfyUI's
+    loaders create everything) under inference mode, so they are inference tensors that also carry requires_grad."""
+
+    def __init__(self, dim: int = 320):
+        with torch.inference_mode():
+            self.proj = torch.nn.Linear(dim, dim)
+            torch.nn.init.normal_(self.proj.weight, std=0.02)
+        assert self.proj.weight.is_inference() and self.proj.weight.requires_grad
+
+    def replace(self, q, k, v, extra_options):
+        import comfy.ldm.modules.attention as attention
+
+        out = attention.optimized_attention(q, k, v, extra_options["n_heads"])
+        return out + torch.nn.functional.linear(out, self.proj.weight[: out.shape[-1], : out.shape[-1]])
+
+    def install(self, pack, model):
+        patched = model.clone()
+        for key in host_module(pack, "comfy_host").transformer_blocks(model):
+            patched.set_model_attn2_replace(self.replace, key.block, key.id, key.index)
+        return patched
+
+
+def test_backward_passes_run_through_another_nodes_inference_tensors(pack, small_models, clip):
+    """Null-text optimisation and tuning through an attention patch whose weights are inference tensors (before:
+    "Inference tensors cannot be saved for backward"); the patch acts (the result differs from the MODEL without it)
+    and neither its weights nor any UNet weight receives a gradient."""
+    _, base = small_models
+    foreign = ProjectingPatch(1280)
+    model = inflated(pack, foreign.install(pack, base), "first_frame", temporal=True)
+    latents = video(7)
+    inv = invert(pack, model, clip, latents, mode="shared_null_text", inner_steps=2, early_stop=1e-9)
+    plain = invert(pack, inflated(pack, base, "first_frame", temporal=True), clip, latents, mode="shared_null_text", inner_steps=2,
+                   early_stop=1e-9)
+    assert torch.isfinite(inv.null_embeddings).all() and not torch.allclose(inv.null_embeddings, plain.null_embeddings)
+    with torch.inference_mode():
+        tuned = nodes_of(pack)["VP2P_TuneOnVideo"].execute(model=model, positive=encode(clip, SOURCE), latent={"samples": latents},
+                                                           steps=2, learning_rate=1e-3, seed=0, use_cache=False).result[0]
+    assert tuned is not model
+    assert foreign.proj.weight.grad is None
+    assert all(p.grad is None for p in base.model.parameters())
