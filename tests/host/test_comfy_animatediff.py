@@ -139,7 +139,7 @@ def test_null_text_inversion_backpropagates_through_the_motion_module(pack, ade,
     assert no_weight_gradients(model) and no_weight_gradients(base)
 
 
-def test_every_inversion_mode_and_the_fatezero_store_run_with_the_motion_module(pack, ade, base, clip):
+def test_every_inversion_mode_fatezero_and_attention_maps_run_with_the_motion_module(pack, ade, base, clip):
     latents = video(2)
     model = inflated(pack, with_ade(base), "middle_frame", temporal=False)
     for mode in ("per_frame_null_text", "negative_prompt"):
@@ -153,7 +153,10 @@ def test_every_inversion_mode_and_the_fatezero_store_run_with_the_motion_module(
             blend_threshold=0.3, reweight="", latent_blend=False).result[0]
         edited = nodes_of(pack)["VP2P_DecoupledSampler"].execute(model=model, inversion=inv, control=control, cfg=7.5,
                                                                  guidance="decoupled").result[0]["samples"]
+        maps = nodes_of(pack)["VP2P_AttentionMaps"].execute(model=model, inversion=inv, control=control, source_words="cat",
+                                                            target_words="dog", at_step=0.5, threshold=0.3).result
     assert torch.isfinite(edited).all() and edited.shape == latents.shape
+    assert maps[0].shape[0] == FRAMES and torch.isfinite(maps[0]).all() and maps[2].shape[0] == FRAMES
 
 
 def _stock_walk(model, inv, positive) -> torch.Tensor:
