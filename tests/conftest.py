@@ -55,5 +55,74 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         if out and not (c["passed"] + c["failed"] + c["skipped"]):
             continue
         terminalreporter.write_line(group_line(g, c))
+    peaks = file_peaks(terminalreporter.stats)
+    if peaks and not os.environ.get("PYTEST_XDIST_WORKER"):
+        terminalreporter.write_sep("-", f"peak resident memory per test file (budget {MEMORY_BUDGET_MB} MB)")
+        for e in peaks:
+            over = " OVER BUDGET" if max(e["own"], e["children"]) > MEMORY_BUDGET_MB else ""
+            child = f", its server/child processes {e['children']} MB" if e["children"] else ""
+            terminalreporter.write_line(f"{e['file']}: {e['own']} MB{child}{over}")
     if out and not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller has every worker's reports
         Path(out).write_text(json.dumps({"exitstatus": int(exitstatus), "groups": counts}, indent=1), encoding="utf-8")
+
+
+# -- peak memory per test file -------------------------------------------------------------------------------------
+# Each test file's peak resident memory, reported in the summary (one line per file): the process's own peak since the
+# file's first test (Linux: VmHWM, reset by writing 5 to /proc/self/clear_refs) and the peak of the child processes it
+# started and waited for (a ComfyUI server), when it raised theirs. CI runs two workers on a 24 GB machine: every file
+# should stay under MEMORY_BUDGET_MB.
+MEMORY_BUDGET_MB = 6 * 1024
+_PEAK_KEY = "peak_rss_mb"
+
+
+def _vm_hwm_mb() -> "float | None":
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _children_peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+_file_start: dict = {}
+
+
+def pytest_runtest_setup(item):
+    path = str(item.path)
+    if _file_start.get("path") != path:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+        _file_start.update(path=path, children=_children_peak_mb())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield  # the file's fixtures (a server among them) are torn down when the next test is in another file
+    if nextitem is not None and nextitem.path == item.path:
+        return
+    own = _vm_hwm_mb()
+    children = _children_peak_mb()
+    child = children if children > _file_start.get("children", 0.0) else 0.0
+    if own is not None:
+        item.user_properties.append((_PEAK_KEY, json.dumps({"file": item.path.name, "own": round(own), "children": round(child)})))
+
+
+def file_peaks(stats: dict) -> list[dict]:
+    """The per-file peaks the reports carry (workers included), largest first."""
+    peaks = {}
+    for reports in stats.values():
+        for rep in reports:
+            for name, value in getattr(rep, "user_properties", []) or []:
+                if name == _PEAK_KEY:
+                    entry = json.loads(value)
+                    peaks[entry["file"]] = entry
+    return sorted(peaks.values(), key=lambda e: -max(e["own"], e["children"]))
