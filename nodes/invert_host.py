@@ -40,6 +40,7 @@ from ..vp2p.attention_store import (
     AttentionStore,
     AttentionStoreError,
     StoreLocation,
+    StorePrecision,
     StoreRecorder,
     StoreSpec,
     auto_location,
@@ -153,7 +154,8 @@ def record_for_cached(model: Any, positive: list, inv: Inversion, store: Attenti
     return run_stage(model, {"positive": positive}, torch.zeros(inv.latent_shape), inv.schedule.sigmas, loop, memory_rows=inv.frames)
 
 
-def store_spec(model: Any, positive: list, frames: int, steps: int, fraction: float, max_tokens: int) -> StoreSpec:
+def store_spec(model: Any, positive: list, frames: int, steps: int, fraction: float, max_tokens: int,
+               precision: StorePrecision = StorePrecision.FP16) -> StoreSpec:
     state = get_state(model)
     if state is None:
         raise SettingsError(
@@ -162,7 +164,7 @@ def store_spec(model: Any, positive: list, frames: int, steps: int, fraction: fl
         )
     cond = conditioning_tensor(positive, frames, "positive", NODE)
     return StoreSpec.for_fraction(steps, fraction, max_tokens, frames, state.settings.frame_attention, cond_digest(cond),
-                                  state.settings.frame_attention_min_channels)
+                                  state.settings.frame_attention_min_channels, precision)
 
 
 def predicted_store_bytes(model: Any, spec: StoreSpec, latent_hw: tuple[int, int], context: int) -> int:

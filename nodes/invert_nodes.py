@@ -7,7 +7,7 @@ import logging
 
 from comfy_api.latest import io
 
-from ..vp2p.attention_store import StoreLocation
+from ..vp2p.attention_store import StoreLocation, StorePrecision
 from ..vp2p.inversion import InversionMode, InversionSettings
 
 log = logging.getLogger("VideoP2P")
@@ -89,6 +89,11 @@ class NullTextInvert(io.ComfyNode):
                                        "cpu: the store is kept in RAM only (fastest edits; nothing is written to disk). "
                                        "disk: one file per step under models/vp2p/cache, read back one step at a time while "
                                        "editing (RAM stays at one step); it counts toward the cache's size limit."),
+                io.Combo.Input("store_precision", options=[p_.value for p_ in StorePrecision], default=StorePrecision.FP16.value,
+                               optional=True,
+                               tooltip="fp16: the store in half precision (half the memory; on FateZero's parity fixture the "
+                                       "edit is 9e-5 from the official code's). fp32: as FateZero keeps it (2.8e-5 there), twice "
+                                       "the size. Only with store_attention."),
             ],
             outputs=[
                 Inversion.Output("inversion", tooltip="The inversion: latent trajectory, per-step null embeddings, source "
@@ -102,7 +107,8 @@ class NullTextInvert(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent, steps: int, cfg: float, mode: str, inner_steps: int,
                 early_stop: float, store_attention: bool, use_cache: bool = True, store_steps: float = 0.8,
-                store_max_tokens: int = 1024, store_location: str = "auto") -> io.NodeOutput:
+                store_max_tokens: int = 1024, store_location: str = "auto",
+                store_precision: str = "fp16") -> io.NodeOutput:
         import comfy.utils
 
         from .invert_host import invert_cached, store_spec
@@ -124,7 +130,8 @@ class NullTextInvert(io.ComfyNode):
             from .comfy_host import check_latent
 
             check_latent(model, samples, "Shared Null-Text Invert")
-            spec = store_spec(model, positive, samples.shape[0], settings.steps, float(store_steps), int(store_max_tokens))
+            spec = store_spec(model, positive, samples.shape[0], settings.steps, float(store_steps), int(store_max_tokens),
+                              StorePrecision.parse(store_precision))
         inv = invert_cached(model, positive, negative, samples, settings, cache_dir() if use_cache else None, progress,
                             spec, StoreLocation.parse(store_location), cache_dir())
         return io.NodeOutput(inv, _noise_latent(model, inv))

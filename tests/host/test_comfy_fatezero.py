@@ -203,3 +203,17 @@ def test_latent_blend_source_switches_the_inverted_latent_it_keeps(pack, zero_sh
     assert not torch.allclose(a["samples"], b["samples"], atol=1e-4)
     with pytest.raises(ValueError, match="latent_blend_source"):
         fatezero(pack, clip, latent_blend_source="later", **args)
+
+
+def test_store_precision_fp32_keeps_what_fp16_rounds(pack, zero_shot, clip):
+    """Shared Null-Text Invert's store_precision: fp32 keeps the store as FateZero does (its tensors fp32), fp16 (the
+    default) holds exactly their fp16 rounding; the edit follows the store it is given."""
+    _, model, latents, inv16 = zero_shot
+    inv32, _ = invert(pack, model, clip, latents, store_precision="fp32")
+    assert inv16.attention.spec.precision == "fp16" and inv32.attention.spec.precision == "fp32"
+    for name, t32 in inv32.attention.step(0).items():
+        t16 = inv16.attention.get(0, name)
+        assert t32.dtype == torch.float32 and t16.dtype == torch.float16, name
+        assert torch.equal(t32.to(torch.float16), t16), name
+    control = fatezero(pack, clip)
+    assert torch.isfinite(sample(pack, model, inv32, control)[0]["samples"]).all()
