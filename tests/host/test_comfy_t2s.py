@@ -52,7 +52,7 @@ def test_pack_loads_through_comfy_loader_with_tooltips(pack):
     assert schema.category.startswith("video_p2p")
     names = [i.id for i in schema.inputs]
     assert names == ["model", "frame_attention", "temporal_attention", "frame_attention_min_channels", "group_norm", "frames_per_chunk",
-                     "chunk_overlap"]
+                     "chunk_overlap", "temporal_with_motion_module"]
     for i in schema.inputs:
         assert i.tooltip, f"input {i.id} has no tooltip"
     info = nodes.NODE_CLASS_MAPPINGS["VP2P_InflateT2S"].INPUT_TYPES()
