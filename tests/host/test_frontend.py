@@ -29,11 +29,16 @@ from typing import Any, Iterator, NoReturn, Optional
 import pytest
 
 from tests.group_summary import SKIP_FRONTEND_ENV, in_ci, skipped_on_purpose
+from tests.host.animatediff import ADE_DIR, VHS_DIR, community_available
 from tests.host.server import ComfyClient, comfy_server
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 PACK_PREFIX = "VP2P_"
+# Templates that need AnimateDiff-Evolved and VideoHelperSuite (../shared/community) beside the pack.
+COMMUNITY_PREFIX = "animatediff_"
+# Where VideoHelperSuite's node documentation takes its pictures from (blocked: the page only reaches the server).
+VHS_DOCS_ASSETS = "https://github.com/Kosinkadink/ComfyUI-VideoHelperSuite/assets/"
 
 VIEWPORT = {"width": 1024, "height": 640}
 # Rendered at twice the CSS resolution, so the text of a whole fitted workflow stays readable.
@@ -174,13 +179,18 @@ JS_TOOLTIP_IS = """(text) => {
   const el = document.querySelector(".node-tooltip");
   return !!el && el.textContent.trim() === text;
 }"""
+# Each node's rectangle on the canvas as drawn (title bar included): [id, x, y, w, h].
+JS_NODE_RECTS = """() => window.app.graph.nodes.map((n) => [n.id, ...Array.from(n.boundingRect)])"""
 JS_TOOLTIP_TEXT = """() => document.querySelector(".node-tooltip")?.textContent.trim() ?? null"""
 
 # The view fitted to the nodes with the canvas's own DragAndScale.fitToBounds (as the frontend's "fit view"
-# command does, with a smaller margin).
+# command does, with a smaller margin). VideoHelperSuite draws its widgets' text only above the canvas's
+# ``low_quality_zoom_threshold`` (0.5 when the canvas has none), whatever LiteGraph.Canvas.MinFontSizeForLOD says:
+# 0, so that its widgets show their values at the fitted scale as every other node's do.
 JS_FIT_VIEW = """async () => {
   const app = window.app;
   app.canvas.deselectAll?.();
+  app.canvas.low_quality_zoom_threshold = 0;
   let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
   for (const n of app.graph.nodes) {
     const [x, y, w, h] = n.boundingRect;
@@ -253,9 +263,12 @@ def chromium() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def frontend_server(comfy_path, chromium, tmp_path_factory) -> Iterator[ComfyClient]:
-    """A ComfyUI server for the frontend: the pack loaded, no models (only node definitions matter here)."""
+    """A ComfyUI server for the frontend: the pack loaded, no models (only node definitions matter here), and
+    AnimateDiff-Evolved and VideoHelperSuite beside it when their snapshots are there (the animatediff_* templates
+    use their nodes, and their frontend extensions are loaded with every template)."""
     models = tmp_path_factory.mktemp("frontend_models")
-    with comfy_server(comfy_path, ROOT, models, tmp_path_factory.mktemp("frontend_output")) as client:
+    extra = (ADE_DIR, VHS_DIR) if community_available() else ()
+    with comfy_server(comfy_path, ROOT, models, tmp_path_factory.mktemp("frontend_output"), extra_custom_nodes=extra) as client:
         _post_settings(client, FRONTEND_SETTINGS)
         yield client
 
@@ -298,16 +311,23 @@ class FrontendPage:
 
     def unexpected_console_errors(self) -> list[str]:
         """Console errors other than failed resource loads (a fresh user folder has no user.css,
-        workflows folder or templates file; the browser logs each 404 as an error) and the missing-models
-        dialog's size look-up of a template's model URL (no network here: the page may only reach the server)."""
+        workflows folder or templates file; the browser logs each 404 as an error), the missing-models
+        dialog's size look-up of a template's model URL and the pictures of VideoHelperSuite's node
+        documentation (no network here: the page may only reach the server, its Content Security Policy
+        blocks the rest)."""
         offline = ("violates the following Content Security Policy", "Refused to connect because it violates",
                    "Error fetching file size: TypeError: Failed to fetch")
         return [e for e in self.console_errors
-                if not e.startswith("Failed to load resource") and not (any(o in e for o in offline) and self._model_url_or_dialog(e))]
+                if not e.startswith("Failed to load resource")
+                and not (any(o in e for o in offline) and (self._model_url_or_dialog(e) or self._community_docs_asset(e)))]
 
     @staticmethod
     def _model_url_or_dialog(error: str) -> bool:
         return "MissingModelsWarning" in error and ("huggingface.co/" in error or "fetchFileSize" in error)
+
+    @staticmethod
+    def _community_docs_asset(error: str) -> bool:
+        return error.startswith(("Loading the image ", "Loading media from ")) and VHS_DOCS_ASSETS in error
 
     def report(self) -> str:
         return (f"page errors: {self.page_errors}\nconsole errors: {self.console_errors}\n"
@@ -403,6 +423,8 @@ def test_example_workflows_exist():
 
 @pytest.mark.parametrize("workflow_path", [pytest.param(p, id=p.stem) for p in WORKFLOWS])
 def test_example_workflow_in_frontend(workflow_path: Path, frontend: FrontendPage, tmp_path: Path):
+    if workflow_path.stem.startswith(COMMUNITY_PREFIX) and not community_available():
+        pytest.skip("no ../shared/community (AnimateDiff-Evolved, VideoHelperSuite) for this template")
     client, page = frontend.client, frontend.page
     object_info = client.object_info()
     workflow = json.loads(workflow_path.read_text(encoding="utf-8"))
@@ -444,6 +466,12 @@ def test_example_workflow_in_frontend(workflow_path: Path, frontend: FrontendPag
     # No link dropped or rewired (the frontend drops a link whose slot no longer exists).
     assert sorted(map(tuple, saved["links"])) == sorted(map(tuple, workflow["links"])), \
         f"links changed on load: {saved['links']} (file: {workflow['links']})"
+    # No node covers another as the frontend draws them (title bar included): a node that grew when an input was
+    # added must not hide the one below it, and hovering must reach each node's own slots and widgets.
+    rects = page.evaluate(JS_NODE_RECTS)
+    covered = [(a[0], b[0]) for i, a in enumerate(rects) for b in rects[i + 1:]
+               if min(a[1] + a[3], b[1] + b[3]) > max(a[1], b[1]) and min(a[2] + a[4], b[2] + b[4]) > max(a[2], b[2])]
+    assert not covered, f"nodes overlap on the canvas (id pairs): {covered}; rects [id, x, y, w, h]: {rects}"
 
     # 3. Our nodes: the frontend's definitions carry a tooltip for every input and output, the combo values
     #    are valid options, and the canvas shows each tooltip on hover.
@@ -495,7 +523,8 @@ def test_example_workflow_in_frontend(workflow_path: Path, frontend: FrontendPag
 
 def test_frontend_reports_a_missing_node(frontend: FrontendPage):
     """The signals above work: an unknown type is reported to extensions and in the missing-nodes dialog."""
-    workflow = json.loads(WORKFLOWS[0].read_text(encoding="utf-8"))
+    plain = next(p for p in WORKFLOWS if not p.stem.startswith(COMMUNITY_PREFIX))  # no node of other packs
+    workflow = json.loads(plain.read_text(encoding="utf-8"))
     ghost = {"id": workflow["last_node_id"] + 1, "type": "VP2P_NoSuchNode", "pos": [0, -200], "size": [200, 60],
              "flags": {}, "order": len(workflow["nodes"]), "mode": 0, "inputs": [], "outputs": [], "properties": {},
              "widgets_values": []}
