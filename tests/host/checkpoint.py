@@ -103,23 +103,35 @@ def _assert_all_initialised(module: nn.Module, what: str) -> None:
         assert torch.isfinite(p).all(), f"{what}: parameter {name} is not finite"
 
 
-def write_random_sd15_checkpoint(path: Path, seed: int = 0, levels: int = 2) -> Path:
+def write_random_sd15_checkpoint(path: Path, seed: int = 0, levels: int = 2, full: bool = False) -> Path:
     """Write a random-weight SD1.5-format single-file safetensors checkpoint to ``path`` and return it.
 
     ``levels`` UNet levels (1–4) keep model_channels 320 and context 768, so ComfyUI detects the file as
-    SD15 at any depth; 2 levels sample quickly on a CPU. Weights are stored in fp16 to keep the file
-    small (ComfyUI casts them to its compute dtype when loading).
+    SD15 at any depth; 2 levels sample quickly on a CPU. ``full``: SD1.5's full UNet layout instead
+    (320/640/1280/1280, 860 M parameters, :func:`tests.host.animatediff.sd15_full_state_dict`), which an
+    AnimateDiff motion module needs (AnimateDiff-Evolved hard-codes SD1.5's block widths); ~2 GB on disk.
+    Weights are stored in fp16 to keep the file small (ComfyUI casts them to its compute dtype when loading).
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     sd: dict[str, torch.Tensor] = {}
-    for prefix, part in ((UNET_PREFIX, _unet_state_dict(levels, seed)),
-                         (VAE_PREFIX, _vae_state_dict(seed + 1)),
-                         (CLIP_PREFIX, _clip_state_dict(seed + 2))):
+    if full:
+        from tests.host.animatediff import sd15_full_state_dict
+
+        def unet() -> dict[str, torch.Tensor]:
+            # built and initialised in fp16 directly: 1.7 GB in memory instead of 3.4 GB
+            return sd15_full_state_dict(seed, torch.float16)
+    else:
+        def unet() -> dict[str, torch.Tensor]:
+            return _unet_state_dict(levels, seed)
+    for prefix, make in ((UNET_PREFIX, unet), (VAE_PREFIX, lambda: _vae_state_dict(seed + 1)),
+                         (CLIP_PREFIX, lambda: _clip_state_dict(seed + 2))):
+        part = make()
         for k, v in part.items():
             # position_ids is an int buffer in some CLIP implementations; keep non-float tensors as they are.
             sd[prefix + k] = v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()
+        del part
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path), metadata={"format": "pt", "note": "random weights for tests"})
     return path

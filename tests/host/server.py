@@ -23,7 +23,7 @@ import urllib.request
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 HOST = "127.0.0.1"
 # The symlink's name becomes the module name ComfyUI imports the pack under; no dots allowed
@@ -130,7 +130,7 @@ class ComfyClient:
             if time.monotonic() > deadline:
                 try:
                     self.post("/interrupt", {})
-                except (urllib.error.URLError, OSError):
+                except (urllib.error.URLError, OSError, ValueError):  # ValueError: its answer is empty, not JSON
                     pass
                 raise ComfyServerError(f"prompt {prompt_id} did not finish within {timeout:.0f} s; log tail:\n{self.log_tail()}")
             time.sleep(poll)
@@ -151,26 +151,38 @@ def _execution_error_text(status: dict) -> str:
     return "\n".join(lines) or json.dumps(status, indent=1)
 
 
-def _write_extra_paths(path: Path, models_dir: Path, custom_nodes_dir: Path, vp2p_dir: Path, controlnet_dir: Optional[Path] = None) -> None:
+def _write_extra_paths(path: Path, models_dir: Path, custom_nodes_dir: Path, vp2p_dir: Path, controlnet_dir: Optional[Path] = None,
+                       model_folders: Optional[Mapping[str, Path]] = None) -> None:
     """The extra-model-paths yaml. Written as JSON, which is valid YAML, so no yaml writer is needed;
     the paths are absolute so ComfyUI does not resolve them against the yaml's folder. ``vp2p`` is
     the pack's own models folder (tuned weights and caches), kept out of the checkout; ``controlnet``,
-    when given, is where ComfyUI's ControlNetLoader looks (besides ComfyUI's own models/controlnet)."""
+    when given, is where ComfyUI's ControlNetLoader looks (besides ComfyUI's own models/controlnet);
+    ``model_folders`` adds more (folder name → path, e.g. ``animatediff_models`` for AnimateDiff-Evolved:
+    the yaml is read before custom nodes load, and an extension registering the same name later adds its
+    own paths to it)."""
     paths = {"checkpoints": str(models_dir.resolve()), "custom_nodes": str(custom_nodes_dir.resolve()), "vp2p": str(vp2p_dir.resolve())}
     if controlnet_dir is not None:
         paths["controlnet"] = str(controlnet_dir.resolve())
+    for name, folder in (model_folders or {}).items():
+        if name in paths:
+            raise ValueError(f"model folder {name!r} is set by the server harness itself")
+        paths[name] = str(Path(folder).resolve())
     path.write_text(json.dumps({"vp2p_tests": paths}, indent=2), encoding="utf-8")
 
 
 @contextmanager
 def comfy_server(comfy_path: Path, pack_root: Path, models_dir: Path, output_dir: Path,
                  startup_timeout: float = 120.0, extra_args: tuple[str, ...] = (),
-                 controlnet_dir: Optional[Path] = None, vp2p_dir: Optional[Path] = None) -> Iterator[ComfyClient]:
+                 controlnet_dir: Optional[Path] = None, vp2p_dir: Optional[Path] = None,
+                 extra_custom_nodes: Sequence[Path] = (), model_folders: Optional[Mapping[str, Path]] = None) -> Iterator[ComfyClient]:
     """Run a ComfyUI server (CPU, loopback, free port) with the pack loaded; yields a :class:`ComfyClient`.
 
     ``models_dir`` is added as a ``checkpoints`` folder, ``controlnet_dir`` (if given) as a ``controlnet``
-    folder, ``output_dir`` is the output directory, ``vp2p_dir`` (if given; else a temporary folder) the
-    pack's ``models/vp2p`` folder with its cache. The server is always terminated on exit.
+    folder, ``model_folders`` (if given) as further model folders by name, ``output_dir`` is the output
+    directory, ``vp2p_dir`` (if given; else a temporary folder) the pack's ``models/vp2p`` folder with its
+    cache. ``extra_custom_nodes`` are other custom node packs (folders) loaded beside the pack, each linked
+    into the temporary ``custom_nodes`` folder under its own folder name (AnimateDiff-Evolved and
+    VideoHelperSuite for the AnimateDiff templates). The server is always terminated on exit.
     """
     comfy_path, pack_root = Path(comfy_path).resolve(), Path(pack_root).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -179,12 +191,20 @@ def comfy_server(comfy_path: Path, pack_root: Path, models_dir: Path, output_dir
         custom_nodes = tmp / "custom_nodes"
         custom_nodes.mkdir()
         (custom_nodes / PACK_LINK_NAME).symlink_to(pack_root, target_is_directory=True)
+        for extra in extra_custom_nodes:
+            extra = Path(extra).resolve()
+            if not (extra / "__init__.py").is_file():
+                raise FileNotFoundError(f"{extra} is not a custom node pack (no __init__.py)")
+            link = custom_nodes / extra.name
+            if link.exists() or link.is_symlink():
+                raise ValueError(f"two custom node packs named {extra.name!r}")
+            link.symlink_to(extra, target_is_directory=True)
         for d in ("user", "input", "temp_root", "vp2p"):
             (tmp / d).mkdir()
         extra_paths = tmp / "extra_model_paths.yaml"
         if vp2p_dir is not None:
             vp2p_dir.mkdir(parents=True, exist_ok=True)
-        _write_extra_paths(extra_paths, models_dir, custom_nodes, vp2p_dir or tmp / "vp2p", controlnet_dir)
+        _write_extra_paths(extra_paths, models_dir, custom_nodes, vp2p_dir or tmp / "vp2p", controlnet_dir, model_folders)
         port = _free_port()
         cmd = [
             sys.executable, str(comfy_path / "main.py"),

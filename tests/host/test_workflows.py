@@ -3,7 +3,9 @@
 Each ``example_workflows/*.json`` (UI format, as the frontend saves it) must load without missing
 nodes, convert to an API prompt, and execute to written output files. The prompt is shrunk for the
 CPU by node type (64×64, 3 frames, 2 steps) and its model files are replaced by random-weight ones (an
-SD1.5 checkpoint, an SD1.5 ControlNet); the JSON files are never changed.
+SD1.5 checkpoint, an SD1.5 ControlNet); the JSON files are never changed. The ``animatediff_*`` templates
+(AnimateDiff-Evolved and VideoHelperSuite nodes, SD1.5's full UNet) run in a server of their own:
+``test_workflows_animatediff.py``, with the helpers of this module.
 """
 
 from __future__ import annotations
@@ -16,13 +18,21 @@ from typing import Iterator
 import pytest
 import torch
 
+from tests.host.animatediff import MOTION_MODULE
 from tests.host.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, write_random_sd15_checkpoint, write_random_sdxl_checkpoint
 from tests.host.controlnet import write_random_controlnet
 from tests.host.server import ComfyClient, comfy_server
 from tests.host.workflow_api import WorkflowConversionError, missing_node_types, ui_to_api
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
+# heavy_memory: the server holding the SD1.5 and SDXL random checkpoints while the templates run peaks at ~6.7 GB
+# (measured, 2-core machine), above the 6 GB per file: it runs on the worker of the other heavy files, one after another.
+pytestmark = pytest.mark.heavy_memory
+ALL_WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
+# Templates built on AnimateDiff-Evolved + VideoHelperSuite: run by test_workflows_animatediff.py in a server with both
+# packs and SD1.5's full UNet (a motion module needs it), which this module's server does not load.
+ANIMATEDIFF_PREFIX = "animatediff_"
+WORKFLOWS = [p for p in ALL_WORKFLOWS if not p.stem.startswith(ANIMATEDIFF_PREFIX)]
 CKPT_NAME = "vp2p_random_sd15.safetensors"
 CN_NAME = "vp2p_random_controlnet_sd15.safetensors"
 SDXL_CKPT_NAME = "vp2p_random_sdxl.safetensors"  # for the *_sdxl templates
@@ -43,7 +53,14 @@ SHRINK: dict[str, dict[str, int]] = {
     "VP2P_BoxTrajectory": {"width": 64, "height": 64, "frames": FRAMES},
     "BasicScheduler": {"steps": 2},
     "VP2P_NoiseInversion": {"width": 64, "height": 64, "frames": FRAMES, "steps": 2},
+    # VideoHelperSuite's loader: frames 0, 2, 4 of the 5-frame input clip, resized to 64×64
+    "VHS_LoadVideo": {"custom_width": 64, "custom_height": 64, "frame_load_cap": FRAMES, "skip_first_frames": 0, "select_every_nth": 2},
 }
+# Input widgets naming a file in ComfyUI's input folder, by node type: the test writes the generated clip there.
+INPUT_VIDEOS = {"LoadVideo": "file", "VHS_LoadVideo": "video"}
+# How many frames a node type loads or makes, and every how many frames of the clip it takes (by input name).
+FRAME_COUNT_INPUTS = {"EmptyLatentImage": "batch_size", "VP2P_SelectFrames": "cap", "VHS_LoadVideo": "frame_load_cap"}
+FRAME_STRIDE_INPUTS = {"VP2P_SelectFrames": "stride", "VHS_LoadVideo": "select_every_nth"}
 
 
 INPUT_FPS = 8
@@ -257,10 +274,12 @@ def test_example_workflows_exist():
     assert WORKFLOWS, "no example_workflows/*.json"
 
 
-def shrink_for_cpu(prompt: dict, ckpt_name: str, controlnet_name: str = CN_NAME) -> dict:
-    """A copy of ``prompt`` sized for a CPU and pointed at the random checkpoint and ControlNet (by node type)."""
+def shrink_for_cpu(prompt: dict, ckpt_name: str, controlnet_name: str = CN_NAME, motion_module_name: str = MOTION_MODULE) -> dict:
+    """A copy of ``prompt`` sized for a CPU and pointed at the random checkpoint, ControlNet and AnimateDiff motion
+    module (by node type)."""
     prompt = json.loads(json.dumps(prompt))
-    model_files = {"CheckpointLoaderSimple": ("ckpt_name", ckpt_name), "ControlNetLoader": ("control_net_name", controlnet_name)}
+    model_files = {"CheckpointLoaderSimple": ("ckpt_name", ckpt_name), "ControlNetLoader": ("control_net_name", controlnet_name),
+                   "ADE_LoadAnimateDiffModel": ("model_name", motion_module_name)}
     for node in prompt.values():
         inputs = node["inputs"]
         for name, value in SHRINK.get(node["class_type"], {}).items():
@@ -305,31 +324,50 @@ def test_random_controlnet_is_offered_by_the_server(comfy_client: ComfyClient):
     assert CN_NAME in options, f"the server's ControlNetLoader offers {options}"
 
 
-@pytest.mark.parametrize("workflow_path", _workflow_params(WORKFLOWS))
-def test_example_workflow_runs(workflow_path: Path, comfy_client: ComfyClient):
+def vhs_format_widgets(workflow: dict, prompt: dict, object_info: dict) -> dict:
+    """``prompt`` with the format widgets of VideoHelperSuite's Video Combine nodes (``crf``, ``pix_fmt``, … of the chosen
+    format), which its frontend extension adds to the node and sends with the prompt but /object_info does not declare
+    as inputs (they are in the ``formats`` option of its ``format`` input), taken from the node's saved widget values."""
+    for node in workflow.get("nodes") or []:
+        api = prompt.get(str(node["id"]))
+        values = node.get("widgets_values")
+        if api is None or api["class_type"] != "VHS_VideoCombine" or not isinstance(values, dict):
+            continue
+        spec = object_info[api["class_type"]]["input"]["required"]["format"]
+        widgets = ((spec[1] if len(spec) > 1 else {}).get("formats") or {}).get(api["inputs"].get("format"), [])
+        for widget in widgets:
+            name = widget[0]
+            if name in values and name not in api["inputs"]:
+                api["inputs"][name] = values[name]
+    return prompt
+
+
+def run_example_workflow(client: ComfyClient, workflow_path: Path, ckpt_name: str, timeout: float = RUN_TIMEOUT_S) -> list[Path]:
+    """Run one template in ``client``'s server, shrunk for the CPU (``ckpt_name`` as its checkpoint), and check what it
+    wrote: files that exist, videos with the frame count of the latent batch and the clip's real speed. Returns the
+    files written."""
     workflow = json.loads(workflow_path.read_text(encoding="utf-8"))
-    object_info = comfy_client.object_info()
-    assert "VP2P_InflateT2S" in object_info, "the server did not load the pack:\n" + comfy_client.log_tail()
+    object_info = client.object_info()
+    assert "VP2P_InflateT2S" in object_info, "the server did not load the pack:\n" + client.log_tail()
     assert missing_node_types(workflow, object_info) == [], "the frontend would report missing nodes"
 
-    prompt = shrink_for_cpu(ui_to_api(workflow, object_info), SDXL_CKPT_NAME if workflow_path.stem.endswith("_sdxl") else CKPT_NAME)
+    prompt = shrink_for_cpu(vhs_format_widgets(workflow, ui_to_api(workflow, object_info), object_info), ckpt_name)
     assert prompt, "the workflow has no executable nodes"
     for node in prompt.values():  # inputs the workflow expects in ComfyUI's input folder
-        if node["class_type"] == "LoadVideo":
-            write_input_video(comfy_client.input_dir / node["inputs"]["file"])
-    entry = comfy_client.run(prompt, timeout=RUN_TIMEOUT_S)
+        if node["class_type"] in INPUT_VIDEOS:
+            write_input_video(client.input_dir / node["inputs"][INPUT_VIDEOS[node["class_type"]]])
+    entry = client.run(prompt, timeout=timeout)
     assert entry["status"]["status_str"] == "success" and entry["status"]["completed"]
 
-    batch = {n["inputs"].get("batch_size") for n in prompt.values() if n["class_type"] == "EmptyLatentImage"}
-    batch |= {n["inputs"].get("cap") for n in prompt.values() if n["class_type"] == "VP2P_SelectFrames"}
-    strides = {n["inputs"].get("stride") for n in prompt.values() if n["class_type"] == "VP2P_SelectFrames"}
+    batch = {n["inputs"].get(FRAME_COUNT_INPUTS[n["class_type"]]) for n in prompt.values() if n["class_type"] in FRAME_COUNT_INPUTS}
+    strides = {n["inputs"].get(FRAME_STRIDE_INPUTS[n["class_type"]]) for n in prompt.values() if n["class_type"] in FRAME_STRIDE_INPUTS}
     written = []
     for node_id, out in entry["outputs"].items():
         animated = any(out.get("animated") or [])
         for item in out.get("images", []) + out.get("gifs", []) + out.get("videos", []):
             if item.get("type") != "output":
                 continue  # previews go to the temp folder
-            path = comfy_client.output_dir / item.get("subfolder", "") / item["filename"]
+            path = client.output_dir / item.get("subfolder", "") / item["filename"]
             assert path.is_file() and path.stat().st_size > 0, f"node {node_id} did not write {path}"
             if (animated or path.suffix == ".mp4") and len(batch) == 1:
                 assert _frames(path) == next(iter(batch)), f"{path.name}: frame count differs from the latent batch"
@@ -337,6 +375,12 @@ def test_example_workflow_runs(workflow_path: Path, comfy_client: ComfyClient):
                 assert _fps(path) == pytest.approx(INPUT_FPS / next(iter(strides))), path.name
             written.append(path)
     assert written, f"the workflow wrote no output files; outputs: {entry['outputs']}"
+    return written
+
+
+@pytest.mark.parametrize("workflow_path", _workflow_params(WORKFLOWS))
+def test_example_workflow_runs(workflow_path: Path, comfy_client: ComfyClient):
+    run_example_workflow(comfy_client, workflow_path, SDXL_CKPT_NAME if workflow_path.stem.endswith("_sdxl") else CKPT_NAME)
 
 
 def test_inversion_survives_a_server_restart(comfy_path, random_checkpoint: Path, tmp_path: Path):
