@@ -58,14 +58,15 @@ fi
 
 # -- parallel workers: whole test files spread over pytest-xdist workers, each with its share of the cores ------
 # (small random models: torch's own threads help little, and oversubscribed threads cost more than they give;
-# a worker with a host test file holds up to ~7 GB, so at most 4 by default)
+# every file stays under 6 GB, except those marked heavy_memory, which one worker runs one after another (groups:
+# tests/conftest.py); at most 4 workers by default)
 CORES="$(nproc 2>/dev/null || echo 1)"
 WORKERS="${VP2P_TEST_WORKERS:-$(( CORES < 4 ? CORES : 4 ))}"
 [ "$WORKERS" -ge 1 ] 2>/dev/null || WORKERS=1
 THREADS=$(( CORES / WORKERS > 0 ? CORES / WORKERS : 1 ))
 xdist_args() {  # $1: the python; prints nothing (plain pytest) for one worker or without pytest-xdist
   if [ "$WORKERS" -gt 1 ] && "$1" -c "import xdist" 2>/dev/null; then
-    echo "-n $WORKERS --dist loadfile --no-loadscope-reorder"
+    echo "-n $WORKERS --dist loadgroup --no-loadscope-reorder"
   fi
 }
 run_pytest() {  # $1: the python, the rest: pytest arguments
