@@ -32,6 +32,12 @@ rows with gradients), and host↔device copies inside the step loop: a third run
 profiled (``torch.profiler``, CUDA activity) from the end of its first step for ``--profile-steps``
 steps and its ``Memcpy HtoD``/``Memcpy DtoH`` device events are counted per step (the target is 0;
 ``--strict-copies`` makes any a failure). One table is printed and written as JSON (``--out``).
+Copies that are there by design: FateZero's store lives on the host (``AttentionStore.put`` moves each
+recorded tensor to the CPU, as FateZero offloads its maps), so ``fatezero_invert`` copies DtoH and
+``fatezero_edit`` HtoD every step; Tune on Video draws its noise on the CPU (one seeded generator on every
+device) and copies it up. Anything else in a step loop is a sync point to look at. The JSON is rewritten
+after every stage, and a stage that raises (e.g. out of memory) is reported as an error while the
+stages that do not need its results still run.
 
 Loud checks (exit status 1, each failure named with its stage, after the table and the JSON are
 written): a NaN/inf in a stage's outputs, an output tensor on the wrong device, a stage whose peak
