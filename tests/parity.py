@@ -21,7 +21,25 @@ from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY_DIR = ROOT.parent / "shared" / "parity"
-FIXTURES = sorted(PARITY_DIR.glob("video_p2p_*.safetensors")) if PARITY_DIR.is_dir() else []
+# Fixtures kept in the project (data only: the official results, ~2 MB each); they run on the shared
+# fixture's model (PARITY_DIR / "model"), so they count only where that model is present.
+PROJECT_FIXTURE_DIR = ROOT / "tests" / "fixtures" / "parity"
+
+
+def _discover() -> list[Path]:
+    if not (PARITY_DIR / "model").is_dir():
+        return []
+    shared = sorted(PARITY_DIR.glob("video_p2p_*.safetensors"))
+    project = sorted(PROJECT_FIXTURE_DIR.glob("video_p2p_*.safetensors"))
+    return shared + project
+
+
+FIXTURES = _discover()
+
+
+def fixture_id(path: Path) -> str:
+    """A test id naming where the file lives (the shared dir and the project may both hold a mode)."""
+    return f"{'project' if path.parent == PROJECT_FIXTURE_DIR else 'shared'}-{path.stem}"
 
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,7 +91,7 @@ def fixture_settings(path: Path, **changes: Any) -> tuple[Any, Any, Any]:
     )
     inversion = InversionSettings(steps=int(meta["steps"]), cfg=float(meta["cfg"]),
                                   mode=InversionMode.DDIM_ONLY if mode == "fast" else InversionMode.SHARED_NULL_TEXT,
-                                  inner_steps=10, early_stop=1e-5)
+                                  inner_steps=int(meta.get("inner_steps", 10)), early_stop=float(meta.get("early_stop", 1e-5)))
     out = []
     for obj in (settings, options, inversion):
         fields = obj.__dataclass_fields__
@@ -81,9 +99,14 @@ def fixture_settings(path: Path, **changes: Any) -> tuple[Any, Any, Any]:
     return tuple(out)
 
 
-def run_stagewise(path: Path, components: Optional[Any] = None, **changes: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def run_stagewise(path: Path, components: Optional[Any] = None, null_steps: Optional[int] = None,
+                  **changes: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(ours, official): x_T (and null embeddings) inverted from x0; source and edited latents sampled
-    from the official x_T (and null embeddings)."""
+    from the official x_T (and null embeddings).
+
+    ``null_steps``: optimise the null embeddings of only the first so many DDIM steps (from x_T: the
+    optimisation of step i depends on steps < i only, so a prefix is exactly the full run's first steps);
+    ``reference["null_embeddings"]`` is cut to the same steps. None: every step."""
     from vp2p.diffusers_host import DiffusersT2S
     from vp2p.diffusers_pipeline import build_edit, sample_edit
     from vp2p.edit import EditInputs
@@ -103,10 +126,13 @@ def run_stagewise(path: Path, components: Optional[Any] = None, **changes: Any) 
         with torch.no_grad():
             trajectory = ddim_invert(den, reference["x0"], cond, schedule)
         ours["x_T"] = trajectory[0] / sigma0
-        nulls = optimise_null_text(den, trajectory, cond, negative, schedule, inversion).null_embeddings
+        k = schedule.steps if null_steps is None else max(1, min(int(null_steps), schedule.steps))
+        prefix = Schedule(schedule.timesteps[:k], schedule.sigmas[:k + 1])
+        nulls = optimise_null_text(den, trajectory[:k + 1], cond, negative, prefix, inversion).null_embeddings
+        official = EditInputs(reference["x_T"] * sigma0, schedule, cond, reference.get("null_embeddings"), negative, inversion.cfg)
         if nulls is not None:
             ours["null_embeddings"] = nulls
-        official = EditInputs(reference["x_T"] * sigma0, schedule, cond, reference.get("null_embeddings"), negative, inversion.cfg)
+            reference = {**reference, "null_embeddings": reference["null_embeddings"][:k]}
         out = sample_edit(den, edit, official, options, tuple(reference["x0"].shape[-2:]))
     ours["source"], ours["edited"] = out.source, out.edited
     return ours, reference
