@@ -105,11 +105,15 @@ def make_models(levels: int, seed: int = 0) -> tuple[Any, Any]:
     return unet, load_as_comfy(unet, ccfg, "SD15")
 
 
-def make_narrow_sd15(seed: int = 0, width: int = 32) -> Any:
+def make_narrow_sd15(seed: int = 0, width: int = 32, dtype: torch.dtype = torch.float32) -> Any:
     """A ComfyUI SD1.5 model with the full depth (4 levels, 3 downsamplings, 16 transformer keys) but ``width``
     channels instead of 320: ComfyUI's own UNet class and config type (SD15: eps, its latent format), built as
     ComfyUI's loader builds a detected model, fast enough on a CPU to run latents of real frame sizes. Detection
-    alone would refuse it (it matches model_channels 320), so the detected config is given to SD15 directly."""
+    alone would refuse it (it matches model_channels 320), so the detected config is given to SD15 directly.
+
+    ``dtype``: the UNet's weight and inference dtype, with no manual cast (as ComfyUI loads SD1.5 in fp16 on a GPU
+    that computes in fp16): ComfyUI's ops then hold the weights in ``dtype`` and compute in it, also on the CPU.
+    The same seed gives the same weights in every dtype (the fp32 ones, rounded)."""
     import comfy.model_detection
     import comfy.model_management
     import comfy.model_patcher
@@ -127,7 +131,7 @@ def make_narrow_sd15(seed: int = 0, width: int = 32) -> Any:
     unet_config = comfy.model_detection.detect_unet_config(sd, "")
     assert unet_config["model_channels"] == width, unet_config
     config = comfy.supported_models.SD15(unet_config)
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(dtype, None)  # no manual cast: the ops compute in the weights' dtype
     with torch.inference_mode():
         model = config.get_model(sd, "")
         model.load_model_weights(sd, "")
