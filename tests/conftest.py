@@ -102,6 +102,9 @@ HEAVY_MEMORY_GROUP = "heavy_memory"
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns the groups into node-id suffixes
 def pytest_collection_modifyitems(config, items):
+    # Files marked runs_long first (stable otherwise): with --no-loadscope-reorder the groups are handed out in this
+    # order, so the longest files do not start last and leave one worker running alone at the end.
+    items.sort(key=lambda item: item.get_closest_marker("runs_long") is None)
     for item in items:
         group = HEAVY_MEMORY_GROUP if item.get_closest_marker("heavy_memory") else item.path.name
         item.add_marker(pytest.mark.xdist_group(group))

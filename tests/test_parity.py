@@ -44,7 +44,8 @@ import pytest
 
 from tests.parity import FIXTURES, PARITY_DIR, fixture_id, relative_l2, run_stagewise
 
-pytestmark = pytest.mark.skipif(not FIXTURES, reason=f"no parity fixture at {PARITY_DIR} (../shared/parity)")
+# runs_long: ~13 min for the null-text fixture on one thread; collected first so a worker starts it first.
+pytestmark = [pytest.mark.skipif(not FIXTURES, reason=f"no parity fixture at {PARITY_DIR} (../shared/parity)"), pytest.mark.runs_long]
 
 TARGETS = {"x_T": 3e-3, "null_embeddings": 1e-2, "source": 1e-3, "edited": 1e-3}
 # Null-text fixtures: the null embeddings of the first NULL_STEPS DDIM steps are optimised and compared (a prefix is

@@ -54,7 +54,9 @@ import pytest
 
 from tests.parity_fatezero import FIXTURE, blend_resolutions, distances, run_stagewise, threshold_gap
 
-pytestmark = pytest.mark.skipif(not FIXTURE.is_file(), reason=f"no FateZero parity fixture at {FIXTURE} (../shared/parity)")
+# runs_long: ~6 min on one thread; collected first so a worker starts it first.
+pytestmark = [pytest.mark.skipif(not FIXTURE.is_file(), reason=f"no FateZero parity fixture at {FIXTURE} (../shared/parity)"),
+              pytest.mark.runs_long]
 
 LATENT_TARGET = 1e-4  # the inversion, every latent
 BLEND_TARGET = 1e-4  # blend values, the default (fp16) store
