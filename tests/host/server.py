@@ -151,6 +151,19 @@ def _execution_error_text(status: dict) -> str:
     return "\n".join(lines) or json.dumps(status, indent=1)
 
 
+def _die_with_parent() -> None:
+    """In the server's process before it starts (Linux): ask the kernel to SIGKILL it when the test process that
+    started it dies. A test worker killed for memory cannot run its fixtures' teardown; without this its servers
+    live on as orphans, holding gigabytes that the replacement worker then runs short of."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the fixtures' teardown is the only guard
+
+
 def _write_extra_paths(path: Path, models_dir: Path, custom_nodes_dir: Path, vp2p_dir: Path, controlnet_dir: Optional[Path] = None,
                        model_folders: Optional[Mapping[str, Path]] = None) -> None:
     """The extra-model-paths yaml. Written as JSON, which is valid YAML, so no yaml writer is needed;
@@ -232,7 +245,7 @@ def comfy_server(comfy_path: Path, pack_root: Path, models_dir: Path, output_dir
         log_path = tmp / "server.log"
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(cmd, cwd=str(tmp), env=env, stdin=subprocess.DEVNULL,
-                                       stdout=log_file, stderr=subprocess.STDOUT)
+                                       stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         client = ComfyClient(f"http://{HOST}:{port}", process, log_path, output_dir, tmp / "input")
         try:
             _wait_ready(client, startup_timeout)

@@ -87,7 +87,7 @@ def write_input_video(path: Path, frames: int = 2 * FRAMES - 1, size: int = 48) 
 
 # -- fixtures ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def random_checkpoint(comfy_path, tmp_path_factory) -> Iterator[Path]:
     """A random-weight SD1.5 checkpoint in a folder of its own (the server's checkpoints folder)."""
     path = write_random_sd15_checkpoint(tmp_path_factory.mktemp("checkpoints") / CKPT_NAME, seed=0, levels=2)
@@ -96,7 +96,7 @@ def random_checkpoint(comfy_path, tmp_path_factory) -> Iterator[Path]:
     path.unlink(missing_ok=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def random_sdxl_checkpoint(random_checkpoint: Path) -> Iterator[Path]:
     """A random-weight SDXL-family checkpoint (detected as Segmind_Vega; full-size CLIP-L + CLIP-G, ~2 GB) next to
     the SD1.5 one, for the *_sdxl templates."""
@@ -105,7 +105,7 @@ def random_sdxl_checkpoint(random_checkpoint: Path) -> Iterator[Path]:
     path.unlink(missing_ok=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def random_controlnet(comfy_path, tmp_path_factory) -> Iterator[Path]:
     """A random-weight SD1.5 ControlNet fitting the random checkpoint's UNet, in a folder of its own (the
     server's controlnet folder)."""
@@ -114,10 +114,13 @@ def random_controlnet(comfy_path, tmp_path_factory) -> Iterator[Path]:
     path.unlink(missing_ok=True)  # ~110 MB
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def comfy_client(comfy_path, random_checkpoint: Path, random_sdxl_checkpoint: Path, random_controlnet: Path,
                  tmp_path_factory) -> Iterator[ComfyClient]:
-    """A running ComfyUI server with the pack loaded and the random checkpoint and ControlNet available."""
+    """A running ComfyUI server with the pack loaded and the random checkpoint and ControlNet available.
+
+    Module scope: the server (~6.7 GB at its peak) is stopped when this file is done; in session scope it lived on
+    while the same worker ran the AnimateDiff templates' server, and the worker ran out of memory."""
     output_dir = tmp_path_factory.mktemp("comfy_output")
     with comfy_server(comfy_path, ROOT, random_checkpoint.parent, output_dir, controlnet_dir=random_controlnet.parent) as client:
         yield client
