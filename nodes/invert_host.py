@@ -38,17 +38,18 @@ import torch
 from ..vp2p import LayoutSpec, RunState, SettingsError
 from ..vp2p.attention_store import (
     AttentionStore,
-    AttentionStoreError,
     StoreLocation,
     StorePrecision,
     StoreRecorder,
     StoreSpec,
+    abandon_recording,
     auto_location,
+    claim_folder,
     cond_digest,
+    finish_recording,
     record_missing_steps,
     store_nbytes,
 )
-from ..vp2p.cache_budget import touch
 from ..vp2p.disk_cache import load_or_compute
 from ..vp2p.fingerprint import fingerprint
 from ..vp2p.frame_attention import FrameMode
@@ -236,37 +237,38 @@ def invert_cached(model: Any, positive: list, negative: list, samples: torch.Ten
         log.info("%s: store_location auto: the store will take %.3f GB, so it is kept %s.", NODE, need / 1e9,
                  "on disk" if store_location is StoreLocation.DISK else "in RAM")
     store, recording, on_disk = None, None, store_location is StoreLocation.DISK
+    stop = comfy.model_management.throw_exception_if_processing_interrupted  # also while waiting for another process
     if store_spec_ is not None:
         root = cache if cache is not None else (store_root if on_disk else None)
         folder = None if root is None else root / f"attention_{fingerprint((), {'inversion': key, 'spec': store_spec_.to_json()})[:40]}"
-        if cache is not None and folder is not None and (folder / "spec.json").is_file():
-            try:
-                store = AttentionStore.open(folder, in_memory=not on_disk)
-                touch(folder)
-                log.info("%s: attention store cache hit %s.", NODE, folder.name)
-            except AttentionStoreError as e:
-                log.warning("%s: ignoring a damaged attention store (%s); recording again.", NODE, e)
+        if folder is not None and (on_disk or cache is not None):
+            # Locked (other processes wait for this recording); a disk store stays pinned while the inversion lives.
+            store, recording = claim_folder(folder, store_spec_, in_memory=not on_disk, reuse=cache is not None, record=on_disk,
+                                            on_wait=stop)
         if store is None:
             if not on_disk:
                 folder = None  # cpu: in RAM only, nothing written
-            elif (folder / "spec.json").exists():
-                (folder / "spec.json").unlink()  # whole again only once the new recording is finished
             announce_store(model, store_spec_, tuple(samples.shape[-2:]), conditioning_tensor(positive, samples.shape[0], "positive",
                                                                                               NODE).shape[1], folder)
-            recording = AttentionStore(store_spec_, folder, in_memory=not on_disk)
+            if recording is None:
+                recording = AttentionStore(store_spec_, folder, in_memory=not on_disk)
     recording_dir = None if recording is None else recording.directory
-    inv, hit = load_or_compute(path, load_inversion,
-                               lambda: invert(model, positive, negative, samples, settings, progress, fingerprint_=fp, store=recording),
-                               save_inversion, NODE, after_write(cache, recording_dir))
-    if hit and inv.cfg != settings.cfg:  # ddim_only: cfg is not in the key (unused); report what was asked
-        inv = dataclasses.replace(inv, cfg=settings.cfg)
-    if recording is not None:
-        if hit:
-            calls = record_for_cached(model, positive, inv, recording)
-            log.info("%s: recorded the attention store on the cached inversion (%d UNet calls).", NODE, calls)
-        store = recording.finish()
-        if recording_dir is not None:
-            enforce_limit(recording_dir.parent, (recording_dir, path))
+    try:
+        inv, hit = load_or_compute(path, load_inversion,
+                                   lambda: invert(model, positive, negative, samples, settings, progress, fingerprint_=fp, store=recording),
+                                   save_inversion, NODE, after_write(cache, recording_dir), on_wait=stop)
+        if hit and inv.cfg != settings.cfg:  # ddim_only: cfg is not in the key (unused); report what was asked
+            inv = dataclasses.replace(inv, cfg=settings.cfg)
+        if recording is not None:
+            if hit:
+                calls = record_for_cached(model, positive, inv, recording)
+                log.info("%s: recorded the attention store on the cached inversion (%d UNet calls).", NODE, calls)
+            store = finish_recording(recording)
+            if recording_dir is not None:
+                enforce_limit(recording_dir.parent, (recording_dir, path))
+    except BaseException:
+        abandon_recording(recording)  # an interrupted or failed recording leaves no folder behind
+        raise
     if store is not None:
         inv.attention = store
         s = store.spec

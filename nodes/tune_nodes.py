@@ -102,6 +102,8 @@ class TuneOnVideo(io.ComfyNode):
 
 def tune_cached(model, positive, samples, settings: TuneSettings, progress, save_name: str = "", use_cache: bool = True):
     """Tune (or load the content-addressed result of an identical earlier tuning), apply, save."""
+    import comfy.model_management
+
     from ..vp2p.disk_cache import load_or_compute
     from ..vp2p.fingerprint import fingerprint
     from ..vp2p.tuned_file import load_tuned, save_tuned
@@ -147,7 +149,8 @@ def tune_cached(model, positive, samples, settings: TuneSettings, progress, save
             weights.metadata.update(motion_modules=", ".join(motion_modules(model)))
         return weights
 
-    weights, _ = load_or_compute(cached, load_tuned, train, save_tuned, "Tune on Video", after_write(cache_dir()))
+    weights, _ = load_or_compute(cached, load_tuned, train, save_tuned, "Tune on Video", after_write(cache_dir()),
+                                 on_wait=comfy.model_management.throw_exception_if_processing_interrupted)
     if target is not None:
         save_tuned(target, weights)
         log.info("Tune on Video: saved %s", target)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vp2p import cache_budget as cb
+from vp2p.cache_lock import acquire
 from vp2p.disk_cache import load_or_compute
 from vp2p.errors import VP2PError
 from vp2p.safetensors_io import read_checked, write_atomic
@@ -62,28 +63,37 @@ def test_a_hit_makes_an_entry_the_last_to_go(tmp_path):
     cb.touch(None)
 
 
-def test_the_entry_just_written_and_busy_entries_are_kept(tmp_path):
+def test_the_entry_just_written_and_entries_in_use_are_kept(tmp_path):
     now = time.time()
     just_written = put(tmp_path / "big.safetensors", 1000, 10 * HOUR, now)  # alone above the limit
-    writing = put(tmp_path / ".tmp_abc.safetensors", 50, 60, now)  # a writer's partial file, a minute old
-    recording = store_folder(tmp_path / "attention_rec", 50, 60, now, finished=False)  # a store being recorded
-    leftover = put(tmp_path / ".tmp_old.safetensors", 50, 2 * HOUR, now)  # an interrupted run's
-    stale = store_folder(tmp_path / "attention_stale", 50, 3 * HOUR, now, finished=False)
+    # A writer holds its entry's lock while its partial file grows (here: this test, through another descriptor).
+    writer = acquire(tmp_path / "new.safetensors")
+    writing = put(tmp_path / ".tmp_new.safetensors.k3j", 50, 2 * HOUR, now)
+    recorder = acquire(tmp_path / "attention_rec")  # a store being recorded
+    recording = store_folder(tmp_path / "attention_rec", 50, 3 * HOUR, now, finished=False)
+    leftover = put(tmp_path / ".tmp_gone.safetensors.x1", 50, 60, now)  # its writer was killed: nobody holds gone.safetensors
+    stale = store_folder(tmp_path / "attention_stale", 50, 60, now, finished=False)  # a killed recording's, a minute old
     freed = cb.evict(tmp_path, 0, keep=[just_written], now=now)
-    assert sorted(freed.entries) == [".tmp_old.safetensors", "attention_stale"]
+    assert sorted(freed.entries) == [".tmp_gone.safetensors.x1", "attention_stale"]
     assert just_written.is_file() and writing.is_file() and recording.is_dir()
     assert not leftover.exists() and not stale.exists()
     assert freed.remaining_bytes == 1100 and "big.safetensors" in freed.skipped
+    assert freed.reasons == {"big.safetensors": "just written or read by this run", ".tmp_new.safetensors.k3j": cb.BEING_WRITTEN,
+                             "attention_rec": cb.IN_USE}
+    writer.release(), recorder.release()
+    assert sorted(cb.evict(tmp_path, 0, now=now).entries) == [".tmp_new.safetensors.k3j", "attention_rec", "big.safetensors"]
 
 
 def test_clear_reports_what_it_freed_and_keeps_what_is_being_written(tmp_path):
     now = time.time()
     put(tmp_path / "tune_a.safetensors", 400, HOUR, now)
     store_folder(tmp_path / "attention_b", 300, 0, now)  # finished just now: cleared all the same
-    writing = put(tmp_path / ".tmp_x.safetensors", 7, 10, now)
+    writer = acquire(tmp_path / "x.safetensors")
+    writing = put(tmp_path / ".tmp_x.safetensors.abc", 7, 10, now)
     freed = cb.clear(tmp_path, now=now)
-    assert (freed.files, freed.nbytes) == (3, 700) and freed.skipped == [".tmp_x.safetensors"]
-    assert [p.name for p in tmp_path.iterdir()] == [writing.name]
+    assert (freed.files, freed.nbytes) == (3, 700) and freed.skipped == [".tmp_x.safetensors.abc"]
+    assert [p.name for p in tmp_path.iterdir() if p.name != ".locks"] == [writing.name]
+    writer.release()
     assert cb.clear(tmp_path / "nowhere").files == 0  # a cache never written: nothing to clear
 
 

@@ -31,13 +31,15 @@ import tempfile
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .attention import attention_probabilities
+from .cache_budget import touch
+from .cache_lock import EntryLock, acquire, pin_for, remove_entry
 from .control import ATTN1, ATTN2, AttentionCall, AttentionController, RunState
 from .errors import VP2PError, parse_option
 from .frame_attention import FrameMode, compact_keys, key_frames
@@ -206,6 +208,7 @@ class AttentionStore:
         self.complete = False
         self.record_order: list[int] = []  # steps in the order they were recorded
         self.read_order: list[int] = []  # steps in the order an edit first read them
+        self._lock: Optional[EntryLock] = None  # the folder's lock while recording (``claim_folder``)
 
     # -- recording --------------------------------------------------------------------------
     def put(self, step: int, name: str, tensor: torch.Tensor) -> None:
@@ -239,6 +242,7 @@ class AttentionStore:
         tensors = self._steps.get(step)
         if self.directory is None or not tensors:
             return
+        self.directory.mkdir(parents=True, exist_ok=True)
         write_atomic(self.directory / _shard(step), tensors, {"format": STORE_FORMAT, "step": str(step)})
         if not self.in_memory:
             del self._steps[step]
@@ -322,6 +326,78 @@ class AttentionStore:
                 store._steps[s] = _read_shard(directory / _shard(s))
         store.complete = True
         return store
+
+
+def claim_folder(folder: Path, spec: StoreSpec, in_memory: bool, reuse: bool = True, record: bool = True,
+                 on_wait: Optional[Callable[[], None]] = None) -> tuple[Optional[AttentionStore], Optional[AttentionStore]]:
+    """(finished store, None) when ``folder`` holds a finished store (``reuse``), else (None, a recording
+    into ``folder``) — or (None, None) when ``record`` is off (the caller records in RAM).
+
+    Concurrency (``vp2p.cache_lock``): the folder's exclusive lock is taken first, so a second process
+    asking for the same store waits for the first one's recording and then reads it. A finished store
+    read step by step (``in_memory`` off) keeps a pin (shared lock) for as long as the store object
+    lives, so clearing or evicting the cache never deletes a store an edit still reads; the recording
+    keeps the exclusive lock until ``finish_recording`` turns it into that pin. An unfinished folder
+    found under the lock is the leftover of a recording that was killed: it is removed (and reported)."""
+    lock = acquire(folder, exclusive=True, on_wait=on_wait)
+    try:
+        if reuse and (folder / "spec.json").is_file():
+            try:
+                store = AttentionStore.open(folder, in_memory)
+                touch(folder)
+                if in_memory:
+                    lock.release()  # every shard read: nothing on disk is needed any more
+                else:
+                    pin_for(store, lock)
+                log.info("Attention store cache hit %s.", folder.name)
+                return store, None
+            except AttentionStoreError as e:
+                log.warning("Ignoring a damaged attention store (%s); recording it again.", e)
+        if not record:
+            lock.release()
+            return None, None
+        if folder.exists():
+            log.warning("Removing %s, an attention store whose recording did not finish (the process writing it stopped, "
+                        "or the disk filled); recording it again.", folder.name)
+            remove_entry(folder)
+        recording = AttentionStore(spec, folder, in_memory)
+        recording._lock = lock
+        return None, recording
+    except BaseException:
+        lock.release()
+        raise
+
+
+def finish_recording(recording: AttentionStore) -> AttentionStore:
+    """``recording.finish()``; a store kept on disk then holds a pin for its life (see ``claim_folder``).
+    A failure (the disk full, the recording cut short) deletes the folder it started."""
+    lock = getattr(recording, "_lock", None)
+    try:
+        store = recording.finish()
+    except BaseException:
+        abandon_recording(recording)
+        raise
+    if lock is not None:
+        recording._lock = None
+        if store.in_memory:
+            lock.release()
+        else:
+            pin_for(store, lock)
+    return store
+
+
+def abandon_recording(recording: Optional[AttentionStore]) -> None:
+    """Delete the folder of a recording that will not finish, and let go of its lock."""
+    if recording is None:
+        return
+    lock = getattr(recording, "_lock", None)
+    recording._lock = None
+    try:
+        if recording.directory is not None and not recording.complete:
+            remove_entry(recording.directory)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _shard(step: int) -> str:

@@ -5,21 +5,24 @@ An *entry* is one child of the cache folder: a file (a tuned model, an inversion
 own modification time, which the cache refreshes with :func:`touch` on every hit (the files are
 content-addressed and never rewritten, so the time says when the entry was last written or read).
 
-Entries being written are left alone, so that a writer in another thread never loses its file:
-a partial file (``.tmp_*``, the atomic writers' temporary name) younger than ``grace_s``, and a
-folder younger than ``grace_s`` that is not finished yet (no ``spec.json``, which the attention
-store writes last). Older partial files are leftovers of an interrupted run and are removed.
+Entries in use are left alone, so that nobody loses a file they are writing or reading: an entry
+whose lock (``vp2p.cache_lock``) another thread or process holds — being computed, or pinned by a
+run that reads it — is kept (``clear`` marks it, and the last user removes it). Without working
+locks (no ``flock``), a partial file (``.tmp_*``, the atomic writers' temporary name) or an unfinished
+folder (no ``spec.json``, which the attention store writes last) younger than ``grace_s`` counts as
+busy. A partial file whose entry nobody holds is a leftover of an interrupted write and is removed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
+
+from .cache_lock import LOCK_DIR, doomed_marker, fcntl, remove_entry, try_exclusive
 
 log = logging.getLogger("VideoP2P")
 
@@ -49,6 +52,7 @@ class Freed:
     entries: list[str] = field(default_factory=list)  # names removed, oldest first
     skipped: list[str] = field(default_factory=list)  # names kept because they are in use
     remaining_bytes: int = 0
+    reasons: dict[str, str] = field(default_factory=dict)  # why each skipped name was kept
 
     def text(self) -> str:
         """``"3 files, 1.20 GB"``: for logs and the user."""
@@ -85,6 +89,8 @@ def entries(directory: Path, now: Optional[float] = None, grace_s: float = GRACE
     except FileNotFoundError:
         return []
     for child in children:
+        if child.name == LOCK_DIR or (child.name.startswith(".") and not child.name.startswith(TMP_PREFIX)):
+            continue
         try:
             st = child.lstat()
         except FileNotFoundError:
@@ -92,12 +98,31 @@ def entries(directory: Path, now: Optional[float] = None, grace_s: float = GRACE
         young = now - st.st_mtime < grace_s
         if child.is_dir() and not child.is_symlink():
             nbytes, files = _walk_size(child)
-            busy = young and not (child / FINISHED_MARKER).is_file()
+            # With flock, a recording holds the folder's lock (``_take`` sees it); without, trust its age.
+            busy = fcntl is None and young and not (child / FINISHED_MARKER).is_file()
         else:
             nbytes, files = st.st_size, 1
-            busy = young and child.name.startswith(TMP_PREFIX)
+            busy = child.name.startswith(TMP_PREFIX) and (young if fcntl is None else _owner_busy(child))
         found.append(CacheEntry(child, nbytes, files, st.st_mtime, busy))
     return sorted(found, key=lambda e: (e.last_used, e.path.name))
+
+
+def tmp_owner(tmp: Path) -> Optional[Path]:
+    """The entry a temporary file is being written for (``.tmp_<entry name>.<random>``), or None."""
+    name = tmp.name[len(TMP_PREFIX):]
+    owner = name.rsplit(".", 1)[0] if "." in name else ""
+    return tmp.parent / owner if owner.endswith(".safetensors") else None
+
+
+def _owner_busy(tmp: Path) -> bool:
+    owner = tmp_owner(tmp)
+    if owner is None:
+        return False
+    lock = try_exclusive(owner)
+    if lock is None:
+        return True
+    lock.release()
+    return False
 
 
 def usage(directory: Path) -> tuple[int, int, int]:
@@ -116,18 +141,27 @@ def touch(path: Optional[Path]) -> None:
         log.debug("Could not refresh the last-use time of %s (%s).", path, e)
 
 
-def _remove(entry: CacheEntry) -> bool:
+IN_USE = "in use (being computed, or read by a running or cached stage)"
+BEING_WRITTEN = "being written"
+
+
+def _take(e: CacheEntry, kept: set[Path]) -> Optional[str]:
+    """Remove ``e`` unless it is in use; None when removed, else why it was kept."""
+    if e.busy:
+        return BEING_WRITTEN
+    if e.path.resolve() in kept:
+        return "just written or read by this run"
+    lock = try_exclusive(e.path)
+    if lock is None:
+        return IN_USE
     try:
-        if entry.path.is_dir() and not entry.path.is_symlink():
-            shutil.rmtree(entry.path)
-        else:
-            entry.path.unlink()
-        return True
-    except FileNotFoundError:
-        return True  # someone else removed it: freed all the same
-    except OSError as e:
-        log.warning("Could not remove the cache entry %s (%s).", entry.path, e)
-        return False
+        remove_entry(e.path)
+        return None
+    except OSError as err:
+        log.warning("Could not remove the cache entry %s (%s).", e.path, err)
+        return f"could not be removed ({err})"
+    finally:
+        lock.release()
 
 
 def _resolved(paths: Iterable[Optional[Path]]) -> set[Path]:
@@ -138,8 +172,9 @@ def evict(directory: Path, limit_bytes: int, keep: Iterable[Optional[Path]] = ()
           grace_s: float = GRACE_S) -> Freed:
     """Remove the least recently used entries of ``directory`` until it holds at most ``limit_bytes``.
 
-    Entries in ``keep`` (the one just written or read) and busy entries are never removed, so the
-    folder can stay above the limit when they alone exceed it (``remaining_bytes`` says so).
+    Entries in ``keep`` (the one just written or read) and entries in use (locked by any process) are
+    never removed, so the folder can stay above the limit when they alone exceed it (``remaining_bytes``
+    says so).
     """
     if limit_bytes < 0:
         raise ValueError(f"A cache limit must be 0 bytes or more; {limit_bytes} was given.")
@@ -150,25 +185,37 @@ def evict(directory: Path, limit_bytes: int, keep: Iterable[Optional[Path]] = ()
     for e in es:
         if total <= limit_bytes:
             break
-        if e.busy or e.path.resolve() in kept:
+        why = _take(e, kept)
+        if why is not None:
             freed.skipped.append(e.path.name)
+            freed.reasons[e.path.name] = why
             continue
-        if _remove(e):
-            total -= e.nbytes
-            freed.files += e.files
-            freed.nbytes += e.nbytes
-            freed.entries.append(e.path.name)
+        total -= e.nbytes
+        freed.files += e.files
+        freed.nbytes += e.nbytes
+        freed.entries.append(e.path.name)
     freed.remaining_bytes = total
     return freed
 
 
 def clear(directory: Path, keep: Iterable[Optional[Path]] = (), now: Optional[float] = None, grace_s: float = GRACE_S) -> Freed:
-    """Remove every entry of ``directory`` but those in ``keep`` and those being written."""
+    """Remove every entry of ``directory`` but those in ``keep`` and those in use; an entry in use
+    is marked, and removed by its last user when it lets go of it (``vp2p.cache_lock``)."""
     kept = _resolved(keep)
     freed = Freed()
     for e in entries(directory, now, grace_s):
-        if e.busy or e.path.resolve() in kept or not _remove(e):
+        why = _take(e, kept)
+        if why is not None:
+            if why == IN_USE:
+                try:
+                    marker = doomed_marker(e.path)
+                    marker.parent.mkdir(parents=True, exist_ok=True)
+                    marker.touch()
+                    why += "; removed when that stage lets go of it"
+                except OSError:
+                    pass
             freed.skipped.append(e.path.name)
+            freed.reasons[e.path.name] = why
             freed.remaining_bytes += e.nbytes
             continue
         freed.files += e.files
