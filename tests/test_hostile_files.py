@@ -133,6 +133,15 @@ def kind(request) -> str:
 
 # -- each damage, each kind ---------------------------------------------------------------------------------------------
 
+def test_tensors_sharing_memory_are_saved(tmp_path):
+    """Start From Noise's inversion holds one tensor as both ``cond`` and ``negative``: saving it failed in safetensors
+    ("Some tensors share memory") before the writer copied shared tensors apart."""
+    inv = make_inversion(store=False)
+    inv.negative = inv.cond
+    back = load_inversion(save_inversion(tmp_path / "shared.safetensors", inv))
+    assert torch.equal(back.negative, inv.cond) and torch.equal(back.cond, inv.cond)
+
+
 def test_valid_files_load_and_round_trip(tmp_path):
     inv = load_inversion(write_kind("inversion", tmp_path))
     ref = make_inversion()

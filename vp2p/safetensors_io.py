@@ -34,8 +34,18 @@ def write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 
 def save_checked(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """``write_atomic`` with the tensors' digest in the metadata, which ``read_checked`` verifies."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    """``write_atomic`` with the tensors' digest in the metadata, which ``read_checked`` verifies. Tensors that share
+    memory (e.g. Start From Noise's ``cond`` and ``negative``, one tensor) are copied apart: safetensors refuses them."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        t = v.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[k] = t
+    tensors = out
     return write_atomic(path, tensors, {**metadata, DIGEST_KEY: tensor_digest(tensors)})
 
 
