@@ -193,9 +193,10 @@ class LoadInversion(io.ComfyNode):
     def execute(cls, model, inversion_name: str, latent=None) -> io.NodeOutput:
         from ..vp2p.inversion_file import check_fits, load_inversion
         from .model_facts import model_fingerprint
-        from .storage import resolve_inversion
+        from .storage import INVERSIONS, folder_of, resolve_inversion
 
-        inv = load_inversion(resolve_inversion(inversion_name))
+        path = resolve_inversion(inversion_name)
+        inv = load_inversion(path, folder_of(INVERSIONS, path))
         samples = latent.get("samples") if isinstance(latent, dict) else None
         shape = tuple(samples.shape) if samples is not None else inv.latent_shape
         check_fits(inv, model_fingerprint(model), shape, inversion_name)

@@ -197,42 +197,60 @@ def kind_from_keys(keys: Iterable[str]) -> Optional[str]:
     return None
 
 
+def unsafe_name(name: str) -> Optional[str]:
+    """Why a model file name sent by a client cannot be looked up (None: it can): an absolute path, a ``..``
+    component, a NUL byte or a name longer than any file name. Names resolve only through ``folder_paths``."""
+    clean = name.replace("\\", "/")
+    if "\0" in name or len(name) > 1024:
+        return "it is no file name"
+    if clean.startswith("/") or re.match(r"^[A-Za-z]:", clean):
+        return "it is an absolute path; give a name inside the models folder"
+    if ".." in clean.split("/"):
+        return "it leaves the models folder ('..')"
+    return None
+
+
 def _file_kind(folder: str, name: str) -> tuple[Optional[str], str]:
-    """(kind, note) of a model file, from its safetensors header only."""
+    """(kind, note) of a model file in ComfyUI's ``folder`` (e.g. ``checkpoints``), from its safetensors header only
+    (the header is checked first: ``vp2p.safetensors_io.read_header``); never a path outside the folder."""
     import folder_paths
 
+    from ..vp2p.safetensors_io import read_header
+
+    why = unsafe_name(name) if name else None
+    if why:
+        return None, f"{name[:200]!r} is not a known {folder} name: {why}"
     path = folder_paths.get_full_path(folder, name) if name else None
     if not path:
-        return None, f"{name!r} is not in the {folder} folder"
+        return None, f"{name[:200]!r} is not in the {folder} folder"
     if not str(path).endswith((".safetensors", ".sft")):
         return None, f"{name!r} is not a safetensors file (its header cannot be read cheaply)"
     try:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as e:  # unreadable header: fall back with a note
+        header, _ = read_header(path, "safetensors", SettingsError)
+    except SettingsError as e:  # unreadable header: fall back with a note
         return None, f"{name!r} could not be read ({e})"
-    kind = kind_from_keys(keys)
+    kind = kind_from_keys(header)
     return kind, "" if kind else f"{name!r} holds no CLIP text encoder the pack knows"
 
 
 def clip_source_kind(source: Optional[dict]) -> tuple[Optional[str], str]:
     """(kind, note) of the CLIP a controller is connected to, from what feeds its ``clip`` input:
-    ``{"class_type": ..., "inputs": {widget: value}}`` as the frontend sends it."""
+    ``{"class_type": ..., "inputs": {widget: value}}`` as the frontend sends it (anything else: a note)."""
     if not isinstance(source, dict) or not source.get("class_type"):
         return None, "no CLIP loader found upstream"
-    cls, inputs = str(source["class_type"]), source.get("inputs") or {}
+    cls, inputs = str(source["class_type"])[:200], source.get("inputs")
+    if not isinstance(inputs, dict):
+        inputs = {}
     if "ckpt_name" in inputs or cls in CHECKPOINT_LOADERS:
         return _file_kind("checkpoints", str(inputs.get("ckpt_name") or ""))
     if cls == "CLIPLoader":
         kind = str(inputs.get("type") or "stable_diffusion")
         if kind != "stable_diffusion":
-            return None, f"CLIPLoader type {kind!r} is no SD1.x/SD2.x CLIP"
+            return None, f"CLIPLoader type {kind[:200]!r} is no SD1.x/SD2.x CLIP"
         return _file_kind("text_encoders", str(inputs.get("clip_name") or ""))
     if cls == "DualCLIPLoader":
         kind = str(inputs.get("type") or "")
-        return ("sdxl", "") if kind == "sdxl" else (None, f"DualCLIPLoader type {kind!r} is no SD1.x/SD2.x/SDXL CLIP")
+        return ("sdxl", "") if kind == "sdxl" else (None, f"DualCLIPLoader type {kind[:200]!r} is no SD1.x/SD2.x/SDXL CLIP")
     return None, f"{cls} is not a CLIP loader the view knows"
 
 

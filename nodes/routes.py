@@ -10,12 +10,14 @@ blend_source_words, blend_target_words, cross_replace_words, clip}`` with ``clip
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 log = logging.getLogger("VideoP2P")
 
 ROUTE = "/vp2p/tokenize"
+MAX_BODY_BYTES = 256 * 1024  # two prompts and a few settings; a larger body is refused (413) before it is read
 _tokenizers: dict[str, Any] = {}  # ComfyUI tokenizers by kind, made on first use (a cache, not run state)
 
 
@@ -61,8 +63,23 @@ def register_routes() -> None:
 
     @server.routes.post(ROUTE)
     async def tokenize(request: "web.Request") -> "web.Response":
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            return web.json_response({"warnings": [f"The request body is {request.content_length} bytes; at most {MAX_BODY_BYTES} "
+                                                   "are read."]}, status=413)
         try:
-            body = await request.json()
-        except Exception:
+            raw = await request.read()
+            if len(raw) > MAX_BODY_BYTES:
+                return web.json_response({"warnings": [f"The request body is larger than {MAX_BODY_BYTES} bytes."]}, status=413)
+            body = json.loads(raw.decode("utf-8"))
+        except web.HTTPRequestEntityTooLarge:
+            return web.json_response({"warnings": [f"The request body is larger than {MAX_BODY_BYTES} bytes."]}, status=413)
+        except (ValueError, UnicodeDecodeError):
             return web.json_response({"warnings": ["The request body must be JSON."]}, status=400)
-        return web.json_response(tokenize_view(body if isinstance(body, dict) else {}))
+        if not isinstance(body, dict):
+            return web.json_response({"warnings": [f"The request body must be a JSON object, not a {type(body).__name__}."]},
+                                     status=400)
+        try:
+            return web.json_response(tokenize_view(body))
+        except Exception:  # the view reports bad input itself; anything else is a bug: logged, never sent as a traceback
+            log.exception("Video-P2P token view failed.")
+            return web.json_response({"warnings": ["The token view failed; see the ComfyUI log."]}, status=500)

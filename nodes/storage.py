@@ -62,6 +62,15 @@ def resolve(name: str) -> Path:
     return Path(full)
 
 
+def folder_of(folder_name: str, full_path: Path) -> Path:
+    """The folder of ``folder_paths``' ``folder_name`` that ``full_path`` (as ``get_full_path`` gave it, links not
+    followed) lies in: loaders refuse a file that is a link out of it (``vp2p.safetensors_io.check_inside``)."""
+    for folder in folder_paths.get_folder_paths(folder_name):
+        if os.path.commonpath([os.path.abspath(full_path), os.path.abspath(folder)]) == os.path.abspath(folder):
+            return Path(folder)
+    return Path(full_path).parent
+
+
 INVERSIONS = "vp2p_inversions"
 
 

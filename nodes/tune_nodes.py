@@ -182,14 +182,15 @@ class LoadTunedT2S(io.ComfyNode):
     def execute(cls, model, tuned_name: str) -> io.NodeOutput:
         from ..vp2p.tuned_file import check_compatible, load_tuned
         from .model_facts import model_fingerprint
-        from .storage import resolve
+        from .storage import FOLDER, folder_of, resolve
         from .tune_host import apply_tuned, require_state
 
         from ..vp2p.tuned_file import TunedFileError
         from .comfy_host import motion_modules
 
         state = require_state(model)
-        weights = load_tuned(resolve(tuned_name))
+        path = resolve(tuned_name)
+        weights = load_tuned(path, folder_of(FOLDER, path))
         if weights.motion and not motion_modules(model):
             raise TunedFileError(
                 f"{tuned_name} also tuned the attention of the AnimateDiff motion module "

@@ -41,7 +41,7 @@ def record_store(folder: Path, steps_written: int, finish: bool) -> AttentionSto
     store, recording = claim_folder(folder, spec(), in_memory=False)
     assert store is None and recording is not None
     for s in range(steps_written):
-        recording.put(s, "attn1/x", torch.full((2, 4), float(s)))
+        recording.put(s, "attn1.input_4_0.q", torch.full((2, 4), float(s)))
     if steps_written:
         recording._flush(recording._recording)
     return finish_recording(recording) if finish else recording
@@ -66,7 +66,7 @@ def pin(folder: str, ready: str, seconds: str) -> None:
     Path(ready).write_text("pinned")
     time.sleep(float(seconds))
     for s in range(3):
-        assert float(store.get(s, "attn1/x")[0, 0]) == float(s)
+        assert float(store.get(s, "attn1.input_4_0.q")[0, 0]) == float(s)
 
 
 def write_and_hang(path: str, ready: str) -> None:
@@ -83,7 +83,7 @@ def write_and_hang(path: str, ready: str) -> None:
 def record_and_hang(folder: str, ready: str) -> None:
     """Record a store with one step on disk and the next pending, then wait to be killed."""
     recording = record_store(Path(folder), 1, finish=False)
-    recording.put(1, "attn1/x", torch.ones(2, 4))
+    recording.put(1, "attn1.input_4_0.q", torch.ones(2, 4))
     Path(ready).write_text("recording")
     time.sleep(120)
 

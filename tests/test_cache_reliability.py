@@ -98,7 +98,7 @@ def test_the_last_user_in_a_process_removes_a_store_cleared_while_in_use(tmp_pat
     store = record_store(folder, 3, finish=True)
     freed = cb.clear(tmp_path)
     assert freed.skipped == ["attention_a"] and folder.is_dir()
-    assert float(store.get(1, "attn1/x")[0, 0]) == 1.0
+    assert float(store.get(1, "attn1.input_4_0.q")[0, 0]) == 1.0
     del store  # the pin is released: the entry marked by the clear goes now
     assert not folder.exists() and not doomed_marker(folder).exists()
 
@@ -132,7 +132,7 @@ def test_a_store_recording_killed_midway_is_removed_and_recorded_again(tmp_path,
     with caplog.at_level(logging.WARNING, logger="VideoP2P"):
         store = record_store(folder, 3, finish=True)
     assert "whose recording did not finish" in caplog.text
-    assert (folder / "spec.json").is_file() and float(store.get(2, "attn1/x")[0, 0]) == 2.0
+    assert (folder / "spec.json").is_file() and float(store.get(2, "attn1.input_4_0.q")[0, 0]) == 2.0
     assert sorted(q.name for q in folder.iterdir()) == ["spec.json", "step_0000.safetensors", "step_0001.safetensors",
                                                        "step_0002.safetensors"]
 
@@ -156,7 +156,7 @@ spec = StoreSpec(steps=2, stored_steps=2, max_tokens=64, frames=2, frame_mode=Fr
 _, rec = claim_folder(folder / "attention_big", spec, in_memory=False)
 try:
     for s in range(2):
-        rec.put(s, "attn1/x", torch.zeros(300_000))
+        rec.put(s, "attn1.input_4_0.q", torch.zeros(300_000))
     finish_recording(rec)
 except DiskFullError as e:  # as the inversion does: a failed recording is abandoned
     abandon_recording(rec)

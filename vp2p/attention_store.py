@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from .attention import attention_probabilities
 from .cache_budget import touch
@@ -46,7 +44,7 @@ from .frame_attention import FrameMode, compact_keys, key_frames
 from .inversion import inversion_input
 from .keys import LayerKey
 from .layout import COND, SOURCE
-from .safetensors_io import write_atomic
+from .safetensors_io import check_inside, load_tensors, write_atomic
 from .schedule import Schedule, sigma_index
 
 log = logging.getLogger("VideoP2P")
@@ -138,10 +136,36 @@ class StoreSpec:
 
     @classmethod
     def from_json(cls, text: str) -> "StoreSpec":
+        """The spec ``to_json`` wrote; raises ``AttentionStoreError`` for anything else (unknown or missing fields,
+        wrong types, counts beyond ``MAX_STORE_STEPS``/``MAX_STORE_FRAMES``, an unknown frame mode or precision)."""
         try:
-            return cls(**json.loads(text))
+            fields = json.loads(text)
+        except ValueError as e:
+            raise AttentionStoreError(f"An attention store description is unreadable ({e}); the store is damaged.") from e
+        if not isinstance(fields, dict):
+            raise AttentionStoreError(f"An attention store description is a JSON {type(fields).__name__}, not an object; the "
+                                      "store is damaged.")
+        bounds = {"steps": (1, MAX_STORE_STEPS), "stored_steps": (0, MAX_STORE_STEPS), "max_tokens": (1, 2**40),
+                  "frames": (1, MAX_STORE_FRAMES), "frame_attention_min_channels": (0, 2**40)}
+        for name, (low, high) in bounds.items():
+            value = fields.get(name, low)
+            if type(value) is not int or not low <= value <= high:
+                raise AttentionStoreError(f"An attention store description gives {name}={value!r}, expected an integer in "
+                                          f"[{low}, {high}]; the store is damaged.")
+        for name in ("frame_mode", "cond_digest", "precision"):
+            if name in fields and not isinstance(fields[name], str):
+                raise AttentionStoreError(f"An attention store description gives {name}={fields[name]!r}, expected a string; "
+                                          "the store is damaged.")
+        try:
+            FrameMode.parse(fields.get("frame_mode", ""))
+            return cls(**fields)
         except (TypeError, ValueError) as e:
             raise AttentionStoreError(f"An attention store description is unreadable ({e}); the store is damaged.") from e
+
+
+MAX_STORE_STEPS = 10_000  # a description giving more is damaged (no schedule has that many steps)
+MAX_STORE_FRAMES = 1_000_000
+MAX_SPEC_BYTES = 1_000_000  # spec.json is a few hundred bytes
 
 
 AUTO_DISK_ABOVE_GB = 4.0  # an ``auto`` store larger than this goes to disk (VP2P_STORE_DISK_ABOVE_GB overrides)
@@ -170,8 +194,9 @@ def cond_digest(cond: torch.Tensor) -> str:
 def check_store_matches(store: AttentionStore, cond: torch.Tensor) -> None:
     """Refuse a store recorded with another source conditioning than ``cond``."""
     if store.spec.cond_digest != cond_digest(cond):
+        where = f"{store.directory.name}: " if store.directory is not None else ""
         raise AttentionStoreError(
-            "The attention store was recorded with another source prompt than this inversion's: the file was mixed up or "
+            f"{where}The attention store was recorded with another source prompt than this inversion's: the file was mixed up or "
             "damaged. Invert again with store_attention."
         )
 
@@ -276,7 +301,7 @@ class AttentionStore:
             raise AttentionStoreError(f"The attention store has no step {step}; it is damaged. Invert again with store_attention.")
         if self._loaded is not None and not self.in_memory:
             self._steps.pop(self._loaded, None)
-        self._steps[step] = _read_shard(self.directory / _shard(step))
+        self._steps[step] = _read_shard(self.directory / _shard(step), self.spec)
         self._loaded = step
         return self._steps[step]
 
@@ -299,31 +324,50 @@ class AttentionStore:
 
     @classmethod
     def from_tensors(cls, spec: StoreSpec, tensors: dict[str, torch.Tensor]) -> "AttentionStore":
+        """A store of ``{"<step>/<entry>": tensor}`` (what ``tensors`` gives); raises ``AttentionStoreError`` for a name
+        that is no stored entry of a stored step, or a tensor that is not floating-point."""
         store = cls(spec)
         for name, t in tensors.items():
-            s, n = name.split("/", 1)
-            store.put(int(s), n, t)
+            step, entry_name = _step_entry(name, spec)
+            _check_entry(entry_name, t, name)
+            store.put(step, entry_name, t)
         store._recording = None
         return store.finish()
 
     @classmethod
     def open(cls, directory: Path, in_memory: bool) -> "AttentionStore":
-        """A finished store folder; ``in_memory`` reads every shard now (cpu), else step by step (disk)."""
+        """A finished store folder; ``in_memory`` reads every shard now (cpu), else step by step (disk). Raises
+        ``AttentionStoreError`` naming the folder's file and what is wrong (see ``_read_shard``)."""
+        spec_path = directory / "spec.json"
+        if not spec_path.is_file():
+            raise AttentionStoreError(f"{directory.name} is not a finished attention store (no spec.json).")
         try:
-            meta = json.loads((directory / "spec.json").read_text())
-        except FileNotFoundError:
-            raise AttentionStoreError(f"{directory.name} is not a finished attention store (no spec.json).") from None
+            check_inside(spec_path, directory, "attention store", AttentionStoreError)
+            if spec_path.stat().st_size > MAX_SPEC_BYTES:
+                raise AttentionStoreError(f"{directory.name}/spec.json holds {spec_path.stat().st_size} bytes, more than an "
+                                          f"attention store description ever does ({MAX_SPEC_BYTES}); the store is damaged.")
+            meta = json.loads(spec_path.read_bytes().decode("utf-8"))
         except (OSError, ValueError) as e:
             raise AttentionStoreError(f"{directory.name}/spec.json is unreadable ({e}).") from e
-        if meta.get("format") != STORE_FORMAT:
-            raise AttentionStoreError(f"{directory.name} is not an attention store of this pack (format {meta.get('format')!r}).")
-        store = cls(StoreSpec.from_json(json.dumps(meta["spec"])), directory, in_memory)
-        store.nbytes = int(meta.get("nbytes", 0))
+        if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise AttentionStoreError(f"{directory.name} is not an attention store of this pack (format {found!r}).")
+        try:
+            spec = StoreSpec.from_json(json.dumps(meta.get("spec")))
+        except AttentionStoreError as e:
+            raise AttentionStoreError(f"{directory.name}/spec.json: {e}") from e
+        nbytes = meta.get("nbytes", 0)
+        if type(nbytes) is not int or nbytes < 0:
+            raise AttentionStoreError(f"{directory.name}/spec.json gives nbytes={nbytes!r}, expected a byte count; the store is "
+                                      "damaged.")
+        store = cls(spec, directory, in_memory)
+        store.nbytes = nbytes
         for s in range(store.spec.stored_steps):
             if not (directory / _shard(s)).is_file():
-                raise AttentionStoreError(f"{directory.name} lacks the shard of step {s}; the store is damaged.")
+                raise AttentionStoreError(f"{directory.name} lacks {_shard(s)}, the shard of step {s} (or it is no regular file); the "
+                                          "store is damaged.")
             if in_memory:
-                store._steps[s] = _read_shard(directory / _shard(s))
+                store._steps[s] = _read_shard(directory / _shard(s), spec)
         store.complete = True
         return store
 
@@ -411,11 +455,42 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _read_shard(path: Path) -> dict[str, torch.Tensor]:
+def _read_shard(path: Path, spec: Optional[StoreSpec] = None) -> dict[str, torch.Tensor]:
+    """One step's tensors, refused (``AttentionStoreError`` naming the shard) when the file lies outside its store
+    folder, its header is damaged (checked before anything is allocated), a name is no stored entry, a tensor is not
+    in ``spec``'s precision, or a value is NaN/inf."""
+    where = f"{path.parent.name}/{path.name}"
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AttentionStoreError(f"{path.parent.name}/{path.name} is unreadable ({e}); invert again with store_attention.") from e
+        check_inside(path, path.parent, "attention store", AttentionStoreError)
+        tensors, _ = load_tensors(path, "attention store shard", AttentionStoreError)
+    except AttentionStoreError as e:
+        raise AttentionStoreError(f"{where} is unreadable: {e} Invert again with store_attention.") from e
+    for name, t in tensors.items():
+        _check_entry(name, t, where)
+        if spec is not None and t.dtype != spec.dtype:
+            raise AttentionStoreError(f"{where}: {name!r} has dtype {t.dtype}, the store's precision is {spec.precision}; the "
+                                      "store is damaged. Invert again with store_attention.")
+    return tensors
+
+
+def _step_entry(name: str, spec: StoreSpec) -> tuple[int, str]:
+    """(step, entry) of a saved ``"<step>/<entry>"`` name of a store of ``spec``."""
+    step, sep, rest = name.partition("/")
+    if not sep or not step.isdigit() or int(step) >= spec.stored_steps:
+        raise AttentionStoreError(f"{name!r} is not an entry of a stored step (0–{spec.stored_steps - 1}); the store is damaged.")
+    return int(step), rest
+
+
+def _check_entry(name: str, t: torch.Tensor, where: str) -> None:
+    """Refuse a stored tensor whose name is no ``kind.layer.part`` entry or which is not floating-point."""
+    try:
+        kind, _, part = parse_entry(name)
+    except ValueError:
+        kind, part = "", ""
+    if kind not in (ATTN1, ATTN2) or part not in ("q", "k", "p"):
+        raise AttentionStoreError(f"{where}: {name!r} is not an attention store entry (kind.layer.part); the store is damaged.")
+    if not t.is_floating_point():
+        raise AttentionStoreError(f"{where}: {name!r} has dtype {t.dtype}, expected a floating-point tensor; the store is damaged.")
 
 
 # -- recording ------------------------------------------------------------------------------------

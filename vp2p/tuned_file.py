@@ -21,7 +21,7 @@ from .errors import VP2PError
 from .frame_attention import FrameMode
 from .keys import LayerKey
 from .patch import T2SSettings
-from .safetensors_io import read_checked, write_atomic
+from .safetensors_io import read_checked, save_checked
 from .video_norm import NormScope
 
 FORMAT = "vp2p-tuned/1"
@@ -56,29 +56,57 @@ def save_tuned(path: Path, weights: TunedWeights) -> Path:
     meta.update(format=FORMAT, frame_attention=weights.settings.frame_attention.value,
                 temporal_attention=json.dumps(weights.settings.temporal_attention), group_norm=weights.settings.group_norm.value,
                 frame_attention_min_channels=str(weights.settings.frame_attention_min_channels))
-    return write_atomic(path, weights.tensors(), meta)
+    return save_checked(path, weights.tensors(), meta)
 
 
-def load_tuned(path: Path) -> TunedWeights:
-    """Read a tuned-weights file; raises ``TunedFileError`` with what is wrong."""
-    tensors, meta = read_checked(path, FORMAT, "Tune on Video", TunedFileError)
+def load_tuned(path: Path, folder: Optional[Path] = None) -> TunedWeights:
+    """Read a tuned-weights file; raises ``TunedFileError`` naming the file and what is wrong: a damaged header or
+    tensor data (``read_checked``), metadata that is missing or does not parse, a tensor name this pack does not
+    write, a tensor that is not floating-point or whose rank does not fit its name, NaN/inf values. ``folder``: the
+    file must lie inside it (no symlink out of it)."""
+    tensors, meta = read_checked(path, FORMAT, "Tune on Video", TunedFileError, folder)
+
+    def bad(problem: str) -> TunedFileError:
+        return TunedFileError(f"{path.name}: {problem}; the file is damaged or was not written by this pack. Tune again.")
+
+    missing = [k for k in ("frame_attention", "temporal_attention") if k not in meta]
+    if missing:
+        raise bad(f"its metadata lacks {', '.join(repr(k) for k in missing)}")
     # Files written before group_norm existed were tuned with per-frame GroupNorm statistics; before
     # frame_attention_min_channels existed, with frame attention in every block.
-    settings = T2SSettings(FrameMode.parse(meta["frame_attention"]), bool(json.loads(meta["temporal_attention"])),
-                           NormScope.parse(meta.get("group_norm", NormScope.FRAME.value)),
-                           int(meta.get("frame_attention_min_channels", "0")))
+    try:
+        temporal_flag = json.loads(meta["temporal_attention"])
+        if not isinstance(temporal_flag, bool):
+            raise ValueError(f"temporal_attention is {meta['temporal_attention']!r}, expected true or false")
+        settings = T2SSettings(FrameMode.parse(meta["frame_attention"]), temporal_flag,
+                               NormScope.parse(meta.get("group_norm", NormScope.FRAME.value)),
+                               int(meta.get("frame_attention_min_channels", "0")))
+    except (VP2PError, ValueError) as e:
+        raise bad(f"its metadata does not parse ({e})") from None
     deltas: dict[tuple[str, LayerKey], torch.Tensor] = {}
     temporal: dict[str, torch.Tensor] = {}
     motion: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
-        group, rest = name.split(".", 1)
+        if not t.is_floating_point():
+            raise bad(f"tensor {name!r} has dtype {t.dtype}, expected floating-point weights")
+        group, _, rest = name.partition(".")
         if group == "to_q":
-            kind, slug = rest.split(".", 1)
-            deltas[(kind, LayerKey.from_slug(slug))] = t
-        elif group == "temporal":
+            kind, _, slug = rest.partition(".")
+            try:
+                key = LayerKey.from_slug(slug)
+            except ValueError:
+                key = None
+            if kind not in ("attn1", "attn2") or key is None:
+                raise bad(f"tensor {name!r} is no to_q.<attn1|attn2>.<block>_<id>_<index> delta")
+            if t.dim() != 2:
+                raise bad(f"the to_q delta {name!r} has shape {list(t.shape)}, expected [out, in]")
+            deltas[(kind, key)] = t
+        elif group == "temporal" and rest:
             temporal[rest] = t
-        elif group == "motion":
+        elif group == "motion" and rest:
             motion[rest] = t
+        else:
+            raise bad(f"it holds the tensor {name!r}, which this pack does not write (to_q.*, temporal.*, motion.* only)")
     return TunedWeights(settings, deltas, temporal, meta, motion)
 
 
