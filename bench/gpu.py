@@ -323,6 +323,57 @@ class PeakMemory:
         return (_status_kb("VmHWM") or 0) / 1e6
 
 
+class TensorTimeline(PeakMemory):
+    """``--memory tensors`` (CPU): the peak of **live tensor bytes** per stage, from the CPU allocator's events
+    recorded by ``torch.profiler`` (``profile_memory``) from before the model is built — weights, inputs and the
+    earlier stages' results included, as ``torch.cuda.max_memory_allocated`` counts on a card, without its
+    block rounding and without the Python runtime the RSS holds. With ``--device cpu`` at the full shape this
+    computes, from the real tensors and shapes, what each stage holds at its peak (``--dtype bfloat16`` has
+    fp16's sizes and fast CPU kernels). Peaks are known when the run ends (``finish``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.kind = "cpu_live_tensor_bytes"
+        self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        self._open: Optional[Any] = None
+        self.windows = 0  # reset/peak windows so far
+
+    def reset(self) -> float:
+        gc.collect()
+        self.windows += 1
+        self._open = torch.profiler.record_function(f"vp2p_window_{self.windows}")
+        self._open.__enter__()
+        return float("nan")  # filled in by finish()
+
+    def peak(self) -> float:
+        if self._open is not None:
+            self._open.__exit__(None, None, None)
+            self._open = None
+        return float("nan")
+
+    def finish(self) -> dict[int, tuple[float, float]]:
+        """{window: (held at its start, peak inside it)} in GB for every reset/peak window."""
+        self._prof.__exit__(None, None, None)
+        events = list(self._prof.profiler.kineto_results.events())
+        memory = sorted(((e.start_ns(), e.nbytes()) for e in events
+                         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU))
+        windows = sorted((int(e.name().rsplit("_", 1)[1]), e.start_ns(), e.end_ns()) for e in events
+                         if e.name().startswith("vp2p_window_"))
+        out, live, i = {}, 0, 0
+        for n, t0, t1 in windows:
+            while i < len(memory) and memory[i][0] < t0:
+                live += memory[i][1]
+                i += 1
+            held = peak = live
+            while i < len(memory) and memory[i][0] <= t1:
+                live += memory[i][1]
+                peak = max(peak, live)
+                i += 1
+            out[n] = (held / 1e9, peak / 1e9)
+        return out
+
+
 @dataclass
 class StageResult:
     """One row of the table (and of the JSON)."""
@@ -375,21 +426,24 @@ def check_outputs(stage: str, out: StageOutputs, device: torch.device) -> list[s
 def measure(stage: Stage, cfg: BenchConfig, device: torch.device, rows: RowCounter, memory: PeakMemory) -> tuple[StageResult, StageOutputs]:
     """Warm-up (cut after one step), the timed full run (peak reset before it), then on CUDA a profiled
     run cut after ``1 + profile_steps`` steps."""
-    log.info("stage %s: warm-up", stage.name)
-    try:
-        stage.run(StepProbe(device, stop_after=1))
-    except Abort:
-        pass
-    _sync(device)
+    if not isinstance(memory, TensorTimeline):  # counting bytes needs no warm kernels: spare the CPU a step
+        log.info("stage %s: warm-up", stage.name)
+        try:
+            stage.run(StepProbe(device, stop_after=1))
+        except Abort:
+            pass
+        _sync(device)
     held = memory.reset()
     rows.reset()
     probe = StepProbe(device)
     log.info("stage %s: timed run", stage.name)
     t0 = time.perf_counter()
-    out = stage.run(probe)
-    _sync(device)
+    try:
+        out = stage.run(probe)
+        _sync(device)
+    finally:
+        peak = memory.peak()  # closes a TensorTimeline's window also when the stage raises
     wall = time.perf_counter() - t0
-    peak = memory.peak()
     steps = max(probe.done, 1)
     calls, n_rows = rows.calls, rows.rows
     htod = dtoh = None
@@ -406,6 +460,8 @@ def measure(stage: Stage, cfg: BenchConfig, device: torch.device, rows: RowCount
             htod, dtoh = prof.htod / prof.profiled, prof.dtoh / prof.profiled
     result = StageResult(stage.name, probe.done, wall, wall / steps, n_rows / steps, calls / steps, peak, held, htod, dtoh,
                          dict(out.extra))
+    if isinstance(memory, TensorTimeline):
+        result.extra["memory_window"] = memory.windows
     result.failures = check_outputs(stage.name, out, device)
     if peak > cfg.max_gb:
         result.failures.append(f"{stage.name}: peak memory {peak:.3g} GB ({memory.kind}) is above --max-gb {cfg.max_gb:g}")
@@ -640,6 +696,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--tune-steps", type=int)
     ap.add_argument("--profile-steps", type=int, help="steps profiled for copies per stage (CUDA; 0: skip)")
     ap.add_argument("--strict-copies", action="store_true", help="any host<->device copy in a step loop fails the stage")
+    ap.add_argument("--memory", choices=("auto", "tensors"), default="auto",
+                    help="auto: CUDA's max_memory_allocated, or the CPU's peak RSS; tensors (CPU): the peak of live tensor "
+                         "bytes from the allocator's events — with --device cpu at the full shape, what each stage holds")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
@@ -667,12 +726,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise BenchError("CUDA is not available: this torch build or machine has no GPU. Run with --tiny for the CPU check.")
             if device.index is None:  # an explicit index, so the wrong-device check compares like with like
                 device = torch.device("cuda", torch.cuda.current_device())
+        if args.memory == "tensors" and device.type != "cpu":
+            raise BenchError("--memory tensors counts the CPU allocator's events: use it with --device cpu.")
+        memory = TensorTimeline(device) if args.memory == "tensors" else PeakMemory(device)  # before the model: weights count
         torch.manual_seed(0)
         su = build_setup(cfg, device)
     except BenchError as e:
         print(f"gpu.py: {e}", file=sys.stderr)
         return 2
-    rows, memory = RowCounter(su.unet), PeakMemory(device)
+    rows = RowCounter(su.unet)
     results: list[StageResult] = []
     errors: dict[str, str] = {}  # stages that raised (an OOM, a bug) or could not run: the others still run
     env = environment(device, wheels, su.tokenizer)
@@ -709,6 +771,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         results.append(result)
         log.info("stage %s: %.3f s", stage.name, result.wall_s)
         write_report()
+    if isinstance(memory, TensorTimeline):
+        windows = memory.finish()
+        for r in results:
+            r.held_before_gb, r.peak_gb = windows[r.extra.pop("memory_window")]
+            if r.peak_gb > cfg.max_gb:
+                r.failures.append(f"{r.stage}: peak memory {r.peak_gb:.3g} GB ({memory.kind}) is above --max-gb {cfg.max_gb:g}")
     failures = write_report()
     print_table(results, cfg, memory.kind)
     for name, why in errors.items():

@@ -53,6 +53,23 @@ def test_a_stage_over_the_memory_limit_fails_loudly(tmp_path):
     assert list(report["stages"]) == ["ddim_invert"] and report["failures"]
 
 
+def test_live_tensor_bytes_count_the_weights_and_what_each_stage_adds(tmp_path):
+    """``--memory tensors``: the CPU allocator's events give each stage's peak of live tensor bytes, weights included
+    (what the README's memory table is computed with at the full shape)."""
+    from bench.gpu import build_setup, tiny_config
+
+    proc, report = _run(tmp_path, "--memory", "tensors", "--stages", "ddim_invert,null_text")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert report["peak_kind"] == "cpu_live_tensor_bytes"
+    torch.manual_seed(0)
+    weights_gb = sum(p.numel() * p.element_size() for p in build_setup(tiny_config(12.0), torch.device("cpu")).unet.parameters()) / 1e9
+    ddim, null = report["stages"]["ddim_invert"], report["stages"]["null_text"]
+    for row in (ddim, null):
+        assert weights_gb <= row["held_before_gb"] <= row["peak_gb"] < 1.0, row  # the weights are held throughout
+    # null-text holds the inversion's trajectory and runs a backward pass: more than the inversion at its peak
+    assert null["held_before_gb"] > ddim["held_before_gb"] and null["peak_gb"] > ddim["peak_gb"]
+
+
 def test_the_full_run_uses_sd15s_unet():
     """The GPU run's UNet is SD1.5's: built on the meta device (no memory), its parameter count is SD1.5's."""
     from bench.gpu import SD15_UNET_CONFIG, unet_class
