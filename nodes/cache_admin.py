@@ -15,7 +15,9 @@ The limit, in GB (decimal), is, first found:
 3. 20 GB.
 
 Routes: ``GET /vp2p/cache`` (location, size, entries, limit) and ``POST /vp2p/cache/clear``
-(→ ``{files, bytes, freed_text, skipped, ...}``). A lowered limit applies at the next write.
+(→ ``{files, bytes, freed_text, skipped, kept: {name: why}, ...}``: an entry in use — being computed by
+any process sharing the folder, or a store an edit reads — is kept and removed by its last user,
+``vp2p.cache_lock``). A lowered limit applies at the next write.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from ..vp2p.cache_budget import Freed, clear, evict, format_bytes, parse_limit_gb, usage
+from ..vp2p.cache_lock import LOCK_DIR
 
 log = logging.getLogger("VideoP2P")
 
@@ -116,14 +120,15 @@ def clear_all() -> dict[str, Any]:
     cache, legacy = _dirs()
     freed = clear(cache)
     old = clear(legacy)
-    if legacy.is_dir() and not any(legacy.iterdir()):
-        legacy.rmdir()
+    if legacy.is_dir() and all(p.name == LOCK_DIR for p in legacy.iterdir()):
+        shutil.rmtree(legacy, ignore_errors=True)  # nothing of this version writes there: its lock files can go too
     files, nbytes = freed.files + old.files, freed.nbytes + old.nbytes
     text = Freed(files, nbytes).text()
     skipped = freed.skipped + old.skipped
+    kept = {**old.reasons, **freed.reasons}
     log.info("Video-P2P cache cleared: freed %s in %s%s.", text, cache,
              f" ({len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} in use kept)" if skipped else "")
-    return {"files": files, "bytes": nbytes, "freed_text": text, "skipped": skipped, "location": str(cache),
+    return {"files": files, "bytes": nbytes, "freed_text": text, "skipped": skipped, "kept": kept, "location": str(cache),
             "remaining_bytes": freed.remaining_bytes + old.remaining_bytes}
 
 

@@ -165,7 +165,7 @@ def test_flipped_bytes_in_the_tensor_data(kind, tmp_path):
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0x10  # a mantissa bit of the last tensor's last element: a finite, plausible, wrong value
     path.write_bytes(bytes(raw))
-    if kind == "store":  # shards carry no checksum (see docs/reliability_hostile.md): the value changes, nothing else
+    if kind == "store":  # shards carry no checksum (see docs/reliability.md): the value changes, nothing else
         assert load_kind(kind, path)
         raw[-1] = 0x7F  # an fp16 exponent of all ones: NaN/inf
         raw[-2] = 0xFF

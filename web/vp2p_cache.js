@@ -27,7 +27,7 @@ async function cacheJson(path, options) {
 async function clearCache() {
   try {
     const r = await cacheJson("/vp2p/cache/clear", { method: "POST" });
-    const kept = r.skipped?.length ? ` (${r.skipped.length} entr${r.skipped.length === 1 ? "y" : "ies"} in use kept)` : "";
+    const kept = r.skipped?.length ? ` (${r.skipped.length} entr${r.skipped.length === 1 ? "y" : "ies"} in use kept; removed once released)` : "";
     toast("success", "Video-P2P cache cleared", `Freed ${r.freed_text}${kept}.`);
     return r;
   } catch (e) {
