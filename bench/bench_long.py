@@ -24,12 +24,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.proc_memory import reset_peak, status_kb  # noqa: E402
+
 
 def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    kb = status_kb(field)
+    if kb is None:
+        raise RuntimeError(f"no {field} in /proc/self/status (this benchmark measures memory on Linux)")
+    return kb
 
 
 def _setup(frames: int, size: int, steps: int, settings):
@@ -87,7 +89,7 @@ def one(frames: int, chunk: int, size: int, steps: int) -> dict:
 
     _, den, traj, cond, empty, sched, edit = _setup(frames, size, steps, T2SSettings(FrameMode.FIRST_FRAME, True, frames_per_chunk=chunk))
     before = _status_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+    reset_peak()  # the peak RSS (VmHWM) := the current RSS
     t0 = time.perf_counter()
     res = _edit(den, traj, cond, empty, sched, edit, frames, size)
     seconds = time.perf_counter() - t0
@@ -103,7 +105,7 @@ def one_null_text(frames: int, chunk: int, size: int, steps: int) -> dict:
 
     _, den, traj, cond, empty, sched, _ = _setup(frames, size, steps, T2SSettings(FrameMode.FIRST_FRAME, True, frames_per_chunk=chunk))
     before = _status_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
+    reset_peak()
     t0 = time.perf_counter()
     res = optimise_null_text(den, traj, cond, empty, sched, InversionSettings(steps=steps, inner_steps=2, early_stop=0.0))
     seconds = time.perf_counter() - t0

@@ -287,13 +287,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _status_kb(field_name: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+    from tests.proc_memory import status_kb
+
+    return status_kb(field_name)
 
 
 class PeakMemory:
@@ -311,9 +307,9 @@ class PeakMemory:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             return torch.cuda.memory_allocated(self.device) / 1e9
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        except OSError:
+        from tests.proc_memory import reset_peak
+
+        if not reset_peak():  # VmHWM := VmRSS
             log.warning("cannot reset the peak RSS (/proc/self/clear_refs); the CPU peak is the process's since start")
         return (_status_kb("VmRSS") or 0) / 1e6
 

@@ -78,13 +78,10 @@ _PEAK_KEY = "peak_rss_mb"
 
 
 def _vm_hwm_mb() -> "float | None":
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    from tests.proc_memory import status_kb
+
+    kb = status_kb("VmHWM")
+    return None if kb is None else kb / 1024
 
 
 def _children_peak_mb() -> float:
@@ -113,10 +110,9 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_setup(item):
     path = str(item.path)
     if _file_start.get("path") != path:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
+        from tests.proc_memory import reset_peak
+
+        reset_peak()
         _file_start.update(path=path, children=_children_peak_mb())
 
 

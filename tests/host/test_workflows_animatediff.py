@@ -75,9 +75,11 @@ def animatediff_client(comfy_path, full_checkpoint: Path, motion_module_dir: Pat
 
 def peak_rss_bytes(pid: int) -> int:
     """The peak resident set size of a process so far (``VmHWM`` in /proc/<pid>/status)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024  # kB
+    from tests.proc_memory import status_kb
+
+    kb = status_kb("VmHWM", pid)
+    if kb is not None:
+        return kb * 1024
     raise RuntimeError(f"no VmHWM for process {pid}")
 
 
