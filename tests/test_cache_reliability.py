@@ -26,6 +26,7 @@ from tests.cache_procs import load, record_store, save, spec
 from vp2p import cache_budget as cb
 from vp2p.attention_store import abandon_recording, claim_folder
 from vp2p.cache_lock import doomed_marker
+from vp2p.errors import VP2PError
 from vp2p.disk_cache import load_or_compute
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,3 +210,19 @@ def test_an_abandoned_recording_leaves_no_folder(tmp_path):
     abandon_recording(recording)  # an interrupted inversion
     assert not folder.exists()
     assert claim_folder(folder, spec(), in_memory=False)[1] is not None  # the lock was let go
+
+
+def test_a_process_that_still_reads_a_store_can_claim_it_again_without_waiting_for_itself(tmp_path):
+    """Found by the host suite: a second inversion with the same store in one process (the first one's store
+    still alive and pinned) used to wait for ever on its own pin."""
+    folder = tmp_path / "attention_s"
+    first = record_store(folder, 3, finish=True)
+    t0 = time.perf_counter()
+    again, recording = claim_folder(folder, spec(), in_memory=False)
+    assert recording is None and again is not None and time.perf_counter() - t0 < 5.0
+    assert float(again.get(2, "attn1.input_4_0.q")[0, 0]) == 2.0 and float(first.get(1, "attn1.input_4_0.q")[0, 0]) == 1.0
+    (folder / "spec.json").write_text("{")  # damaged while this process still reads it: a clear error, no wait
+    with pytest.raises(VP2PError, match="an earlier run of this process still reads it"):
+        claim_folder(folder, spec(), in_memory=False)
+    del first, again
+    assert claim_folder(folder, spec(), in_memory=False)[1] is not None  # once released, it is recorded again

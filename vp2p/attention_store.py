@@ -37,7 +37,7 @@ import torch
 
 from .attention import attention_probabilities
 from .cache_budget import touch
-from .cache_lock import EntryLock, acquire, pin_for, remove_entry
+from .cache_lock import EntryLock, acquire, pin_for, pinned_here, remove_entry
 from .control import ATTN1, ATTN2, AttentionCall, AttentionController, RunState
 from .errors import VP2PError, parse_option
 from .frame_attention import FrameMode, compact_keys, key_frames
@@ -377,29 +377,51 @@ def claim_folder(folder: Path, spec: StoreSpec, in_memory: bool, reuse: bool = T
     """(finished store, None) when ``folder`` holds a finished store (``reuse``), else (None, a recording
     into ``folder``) — or (None, None) when ``record`` is off (the caller records in RAM).
 
-    Concurrency (``vp2p.cache_lock``): the folder's exclusive lock is taken first, so a second process
-    asking for the same store waits for the first one's recording and then reads it. A finished store
+    Concurrency (``vp2p.cache_lock``): a finished store is read under a shared lock (it waits only for a
+    recording, never for readers — this process's own earlier stores included); recording takes the
+    exclusive lock, so a second process asking for the same store waits for the first one's recording
+    and then reads it. A finished store
     read step by step (``in_memory`` off) keeps a pin (shared lock) for as long as the store object
     lives, so clearing or evicting the cache never deletes a store an edit still reads; the recording
     keeps the exclusive lock until ``finish_recording`` turns it into that pin. An unfinished folder
     found under the lock is the leftover of a recording that was killed: it is removed (and reported)."""
+    def reuse_finished(lock: EntryLock) -> Optional[AttentionStore]:
+        if not (reuse and (folder / "spec.json").is_file()):
+            return None
+        try:
+            store = AttentionStore.open(folder, in_memory)
+        except AttentionStoreError as e:
+            log.warning("Ignoring a damaged attention store (%s); recording it again.", e)
+            return None
+        touch(folder)
+        if in_memory:
+            lock.release()  # every shard read: nothing on disk is needed any more
+        else:
+            pin_for(store, lock)  # a shared lock: other readers (this process's earlier stores too) go on
+        log.info("Attention store cache hit %s.", folder.name)
+        return store
+
+    # A shared lock first: it waits only while another process records this store, never for readers.
+    lock = acquire(folder, exclusive=False, on_wait=on_wait)
+    try:
+        store = reuse_finished(lock)
+    except BaseException:
+        lock.release()
+        raise
+    if store is not None:
+        return store, None
+    lock.release()
+    if not record:
+        return None, None
+    if pinned_here(folder):
+        raise AttentionStoreError(
+            f"{folder.name} is damaged, and an earlier run of this process still reads it, so it cannot be recorded "
+            "again now. Clear the Video-P2P cache (it is removed once released) or use store_location cpu, then run again.")
     lock = acquire(folder, exclusive=True, on_wait=on_wait)
     try:
-        if reuse and (folder / "spec.json").is_file():
-            try:
-                store = AttentionStore.open(folder, in_memory)
-                touch(folder)
-                if in_memory:
-                    lock.release()  # every shard read: nothing on disk is needed any more
-                else:
-                    pin_for(store, lock)
-                log.info("Attention store cache hit %s.", folder.name)
-                return store, None
-            except AttentionStoreError as e:
-                log.warning("Ignoring a damaged attention store (%s); recording it again.", e)
-        if not record:
-            lock.release()
-            return None, None
+        store = reuse_finished(lock)  # another process may have finished it while this one waited
+        if store is not None:
+            return store, None
         if folder.exists():
             log.warning("Removing %s, an attention store whose recording did not finish (the process writing it stopped, "
                         "or the disk filled); recording it again.", folder.name)

@@ -38,6 +38,12 @@ log = logging.getLogger("VideoP2P")
 
 LOCK_DIR = ".locks"
 _warned = False
+_pinned_here: dict[str, int] = {}  # entries this process pins, by path: it must never wait for itself
+
+
+def pinned_here(entry: Path) -> bool:
+    """Whether this process itself holds a pin on ``entry`` (an exclusive lock would wait for ever)."""
+    return _pinned_here.get(str(entry), 0) > 0
 
 
 def _lock_file(entry: Path) -> Path:
@@ -70,6 +76,7 @@ class EntryLock:
         self.entry = entry
         self._fd = fd
         self.exclusive = exclusive
+        self._pin = False  # counted in _pinned_here while held (pin_for)
 
     @property
     def held(self) -> bool:
@@ -84,6 +91,9 @@ class EntryLock:
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
+        if getattr(self, "_pin", False):
+            self._pin = False
+            _pinned_here[str(self.entry)] = _pinned_here.get(str(self.entry), 1) - 1
         if fd is None:
             return
         try:
@@ -180,5 +190,7 @@ def remove_if_unused(entry: Path) -> bool:
 def pin_for(owner: object, lock: EntryLock) -> EntryLock:
     """Keep ``lock`` (made shared) for as long as ``owner`` lives; released when it is collected."""
     lock.share()
+    lock._pin = True
+    _pinned_here[str(lock.entry)] = _pinned_here.get(str(lock.entry), 0) + 1
     weakref.finalize(owner, lock.release)
     return lock
