@@ -241,6 +241,12 @@ def invert_cached(model: Any, positive: list, negative: list, samples: torch.Ten
     if store_spec_ is not None:
         root = cache if cache is not None else (store_root if on_disk else None)
         folder = None if root is None else root / f"attention_{fingerprint((), {'inversion': key, 'spec': store_spec_.to_json()})[:40]}"
+        context = conditioning_tensor(positive, samples.shape[0], "positive", NODE).shape[1]
+        announced = False
+        if on_disk and folder is not None and not (folder / "spec.json").is_file():
+            # Checked before anything is written (the lock file included): a store that would not fit is refused here.
+            announce_store(model, store_spec_, tuple(samples.shape[-2:]), context, folder)
+            announced = True
         if folder is not None and (on_disk or cache is not None):
             # Locked (other processes wait for this recording); a disk store stays pinned while the inversion lives.
             store, recording = claim_folder(folder, store_spec_, in_memory=not on_disk, reuse=cache is not None, record=on_disk,
@@ -248,8 +254,8 @@ def invert_cached(model: Any, positive: list, negative: list, samples: torch.Ten
         if store is None:
             if not on_disk:
                 folder = None  # cpu: in RAM only, nothing written
-            announce_store(model, store_spec_, tuple(samples.shape[-2:]), conditioning_tensor(positive, samples.shape[0], "positive",
-                                                                                              NODE).shape[1], folder)
+            if not announced:
+                announce_store(model, store_spec_, tuple(samples.shape[-2:]), context, folder)
             if recording is None:
                 recording = AttentionStore(store_spec_, folder, in_memory=not on_disk)
     recording_dir = None if recording is None else recording.directory
