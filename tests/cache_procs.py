@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from vp2p.attention_store import AttentionStore, StoreSpec, claim_folder, finish_recording
 from vp2p.cache_lock import acquire
@@ -56,7 +57,7 @@ def compute(path: str, log_file: str, value: str, seconds: str, out: str) -> Non
         return torch.full((256, 256), float(value))
 
     result, hit = load_or_compute(Path(path), load, slow, save, "Test")
-    torch.save({"result": result, "hit": hit}, out)
+    save_file({"result": result.contiguous(), "hit": torch.tensor(int(hit))}, out)  # safetensors: never pickle
 
 
 def pin(folder: str, ready: str, seconds: str) -> None:

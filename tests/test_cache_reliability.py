@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.cache_procs import load, record_store, save, spec
 from vp2p import cache_budget as cb
@@ -50,10 +50,11 @@ def _wait_for(path: Path, timeout: float = 60.0) -> None:
 
 def test_two_processes_asking_for_one_entry_compute_it_once(tmp_path):
     entry, log_file = tmp_path / "cache" / "inversion_same.safetensors", tmp_path / "computed.txt"
-    procs = [_spawn("compute", entry, log_file, 7.0, 1.5, tmp_path / f"out{i}.pt") for i in range(2)]
+    procs = [_spawn("compute", entry, log_file, 7.0, 1.5, tmp_path / f"out{i}.safetensors") for i in range(2)]
     for p in procs:
         assert _join(p) == 0
-    outs = [torch.load(tmp_path / f"out{i}.pt") for i in range(2)]
+    outs = [load_file(tmp_path / f"out{i}.safetensors") for i in range(2)]
+    outs = [{"result": o["result"], "hit": bool(o["hit"])} for o in outs]
     assert len(log_file.read_text().split()) == 1  # computed once: the other process waited, then read the file
     assert sorted(o["hit"] for o in outs) == [False, True]
     assert torch.equal(outs[0]["result"], outs[1]["result"]) and torch.equal(load(entry), outs[0]["result"])
@@ -63,7 +64,7 @@ def test_two_processes_asking_for_one_entry_compute_it_once(tmp_path):
 def test_two_processes_with_different_entries_do_not_wait_for_each_other(tmp_path):
     log_file = tmp_path / "computed.txt"
     t0 = time.perf_counter()
-    procs = [_spawn("compute", tmp_path / f"inversion_{i}.safetensors", log_file, float(i), 4.0, tmp_path / f"out{i}.pt")
+    procs = [_spawn("compute", tmp_path / f"inversion_{i}.safetensors", log_file, float(i), 4.0, tmp_path / f"out{i}.safetensors")
              for i in range(2)]
     for p in procs:
         assert _join(p) == 0
@@ -145,16 +146,15 @@ import torch
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 from vp2p.safetensors_io import DiskFullError, write_atomic
-from vp2p.attention_store import StoreSpec, abandon_recording, claim_folder, finish_recording
-from vp2p.frame_attention import FrameMode
+from tests.cache_procs import spec as make_spec
+from vp2p.attention_store import abandon_recording, claim_folder, finish_recording
 folder = Path(sys.argv[1])
 out = {}
 try:
     write_atomic(folder / "inversion_big.safetensors", {"t": torch.zeros(500_000)}, {"format": "x"})
 except DiskFullError as e:
     out["file"] = str(e)
-spec = StoreSpec(steps=2, stored_steps=2, max_tokens=64, frames=2, frame_mode=FrameMode.FIRST_FRAME.value, cond_digest="d")
-_, rec = claim_folder(folder / "attention_big", spec, in_memory=False)
+_, rec = claim_folder(folder / "attention_big", make_spec(2), in_memory=False)
 try:
     for s in range(2):
         rec.put(s, "attn1.input_4_0.q", torch.zeros(300_000))

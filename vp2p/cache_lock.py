@@ -174,15 +174,16 @@ def remove_if_unused(entry: Path) -> bool:
     if lock is None:
         return False
     try:
-        remove_entry(entry)
+        remove_entry(entry)  # the doomed marker too, so releasing the lock below does not come back here
     except OSError as e:
         log.warning("Video-P2P cache: could not remove %s (%s).", entry, e)
+        try:  # give up on it, so that releasing the lock does not try again and again
+            doomed_marker(entry).unlink(missing_ok=True)
+        except OSError:
+            pass
         return False
     finally:
-        fd, lock._fd = lock._fd, None  # release without re-entering remove_if_unused
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        lock.release()
     log.info("Video-P2P cache: removed %s, which was cleared while in use.", entry.name)
     return True
 
